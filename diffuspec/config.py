@@ -1,0 +1,200 @@
+"""Configuration: frozen dataclasses, validated on construction.
+
+Terms used throughout the package:
+
+- *round*: one draft → lattice → path search → verify step of the engine.
+- *k*: the draft length of a round (number of mask tokens the drafter fills).
+- *lattice*: per draft position, a small set of candidate tokens with their drafter
+  log-probabilities.
+- *path*: one left-to-right chain through the lattice, the proposal the target verifies.
+- *τ*: tokens emitted per round, including the bonus token (plain AR decoding has τ = 1).
+
+Defaults follow DiffuSpec (arXiv 2510.02358) except the draft-length bounds, which the
+paper tuned for an A100 with a 32B target; ours are chosen for a CPU (see ``ADLConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    # Keep the smallest top set per position whose cumulative drafter mass reaches this.
+    mass: float = 0.8
+    # ...but never more than this many tokens per position (paper: M_max = 15).
+    max_candidates: int = 15
+    # EOS joins a position's set whenever its drafter probability reaches this, even when
+    # the mass/size cut would drop it, so a path can end where the text ends.
+    eos_min_prob: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.mass <= 1.0, f"lattice mass={self.mass!r} must be in (0, 1]; the paper uses 0.8")
+        _check(self.max_candidates >= 1, f"lattice max_candidates={self.max_candidates!r} must be >= 1; the paper uses 15")
+        _check(0.0 <= self.eos_min_prob <= 1.0, f"lattice eos_min_prob={self.eos_min_prob!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    # n-gram order of the causal proxy (paper: a 3-gram LM).
+    order: int = 3
+    # Weight of the corpus table against the request's own online model, when a table is
+    # loaded: p = w * p_corpus + (1 - w) * p_request.
+    corpus_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.order <= 5, f"proxy order={self.order!r} must be in 1..5; the paper uses 3")
+        _check(0.0 <= self.corpus_weight <= 1.0, f"proxy corpus_weight={self.corpus_weight!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class CPSConfig:
+    # Run the causal-consistency path search; False takes the per-position argmax path.
+    enabled: bool = True
+    # Beam width B (paper: 3).
+    beam_width: int = 3
+    # λ in S = Σ λ·log q + (1-λ)·log p_proxy (paper: 0.5).
+    lam: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.beam_width >= 1, f"cps beam_width={self.beam_width!r} must be >= 1; the paper uses 3")
+        _check(0.0 <= self.lam <= 1.0, f"cps lam={self.lam!r} must be in [0, 1]; the paper uses 0.5")
+
+
+@dataclass(frozen=True)
+class ADLConfig:
+    # Adapt k per request; False drafts k_init tokens every round.
+    enabled: bool = True
+    # EMA rate ρ for the generated / accepted lengths (paper: 0.5).
+    rho: float = 0.5
+    # Growth step δ when the accepted EMA keeps up with the generated EMA (paper: 10).
+    # The paper's step suits its 20..30 bounds; ours are narrower, so a smaller step.
+    delta: int = 4
+    # Draft-length bounds. Paper: 20..30 on an A100. On a 2-core CPU the verify pass grows
+    # with k (28M-param target: 1 token 17 ms, 8 tokens 34 ms, 32 tokens 51 ms, see
+    # ARCHITECTURE.md §8), so the CPU bounds are smaller.
+    k_min: int = 4
+    k_max: int = 12
+    # k of a request's first round.
+    k_init: int = 8
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.rho <= 1.0, f"adl rho={self.rho!r} must be in (0, 1]; the paper uses 0.5")
+        _check(self.delta >= 0, f"adl delta={self.delta!r} must be >= 0")
+        _check(1 <= self.k_min <= self.k_max, f"adl needs 1 <= k_min <= k_max, got k_min={self.k_min!r}, k_max={self.k_max!r}")
+        _check(self.k_min <= self.k_init <= self.k_max,
+               f"adl k_init={self.k_init!r} must lie in [k_min={self.k_min}, k_max={self.k_max}]")
+
+
+@dataclass(frozen=True)
+class DiffuSpecConfig:
+    lattice: LatticeConfig = field(default_factory=LatticeConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    cps: CPSConfig = field(default_factory=CPSConfig)
+    adl: ADLConfig = field(default_factory=ADLConfig)
+    # Draft at all; False runs plain AR decoding through the same engine (the baseline).
+    speculate: bool = True
+    # The drafter sees at most this many trailing prefix tokens (None: all). Drafting may
+    # approximate freely: it changes acceptance, never the output.
+    drafter_context: int | None = None
+    # Path of a corpus n-gram table (``diffuspec build-proxy``), mixed with the online model.
+    proxy_table: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.drafter_context is None or self.drafter_context >= 1,
+               f"drafter_context={self.drafter_context!r} must be None or >= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "DiffuSpecConfig":
+        """Build from flat or nested keyword arguments.
+
+        Flat keys name a field of any section (``k_max=16``, ``beam_width=1``) or of the
+        top level; section keys take a dict or a section instance (``adl={"k_max": 16}``).
+        Unknown keys raise ``TypeError`` listing the valid ones.
+        """
+        return DiffuSpecConfig().replace(**kwargs)
+
+    def replace(self, **kwargs: Any) -> "DiffuSpecConfig":
+        """A copy with the given keys changed (same key rules as ``from_kwargs``)."""
+        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SECTIONS}
+        nested = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+        for key, value in kwargs.items():
+            if key in _SECTIONS:
+                if isinstance(value, _SECTIONS[key]):
+                    value = dataclasses.asdict(value)
+                if not isinstance(value, Mapping):
+                    raise TypeError(f"config section {key!r} must be a dict or {_SECTIONS[key].__name__}, "
+                                    f"got {type(value).__name__}")
+                for sub, sub_value in value.items():
+                    if sub not in _section_fields(key):
+                        raise TypeError(f"unknown config key {key}.{sub!r}; valid keys: {sorted(_section_fields(key))}")
+                    nested[key][sub] = sub_value
+            elif key in top:
+                top[key] = value
+            else:
+                owners = [name for name in _SECTIONS if key in _section_fields(name)]
+                if len(owners) != 1:
+                    raise TypeError(f"unknown config key {key!r}; valid keys: {sorted(valid_config_keys())} "
+                                    f"(or nested: adl={{...}}, cps={{...}}, lattice={{...}}, proxy={{...}})")
+                nested[owners[0]][key] = value
+        return DiffuSpecConfig(**top, **{name: _SECTIONS[name](**values) for name, values in nested.items()})
+
+
+_SECTIONS: dict[str, type] = {"lattice": LatticeConfig, "proxy": ProxyConfig, "cps": CPSConfig, "adl": ADLConfig}
+
+
+def _section_fields(name: str) -> set[str]:
+    return {f.name for f in fields(_SECTIONS[name])}
+
+
+def valid_config_keys() -> set[str]:
+    keys = {f.name for f in fields(DiffuSpecConfig)}
+    for name in _SECTIONS:
+        keys |= _section_fields(name)
+    # "enabled" is ambiguous between sections: it is only reachable nested.
+    keys.discard("enabled")
+    return keys
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-call decoding settings, validated at the API boundary."""
+
+    max_new_tokens: int = 128
+    # 0 is greedy decoding.
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    # Strings that end a request's text (the text is cut before the stop string).
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
+            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
+        _check(self.temperature >= 0.0, f"temperature={self.temperature!r} must be >= 0 (use 0 for greedy decoding)")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+                raise TypeError(f"top_k must be an int or None, got {self.top_k!r}")
+            _check(self.top_k >= 1, f"top_k={self.top_k!r} must be >= 1 (or None for no top-k cut)")
+        if self.top_p is not None:
+            _check(0.0 < float(self.top_p) <= 1.0, f"top_p={self.top_p!r} must be in (0, 1] (or None for no nucleus cut)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
