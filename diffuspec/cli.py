@@ -1,0 +1,143 @@
+"""Command line: ``diffuspec generate`` and ``diffuspec build-proxy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DIFFUSPEC_CACHE", Path.home() / ".cache" / "diffuspec"))
+
+
+def default_pair(log=print) -> tuple[Path, Path]:
+    """The model pair used when none is named: the embedded trained pair when this install
+    has one, else a small random pair built once into the cache folder (and said so)."""
+    from . import assets
+
+    embedded = assets.embedded_pair()
+    if embedded is not None:
+        return embedded
+    folder = _cache_dir() / "random-pair"
+    if not (folder / "drafter" / "config.json").is_file():
+        from .tiny import build_random_pair
+
+        log(f"[diffuspec] no embedded trained pair in this install: building a small RANDOM pair in {folder} "
+            "(it shows the machinery and exactness, not speed)")
+        build_random_pair(folder)
+    else:
+        log(f"[diffuspec] no embedded trained pair in this install: using the small RANDOM pair in {folder}")
+    return folder / "target", folder / "drafter"
+
+
+def _parse_config(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--config takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_generate(args) -> int:
+    from .api import DiffuSpec
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    target, drafter = args.target, args.drafter
+    if target is None and drafter is None:
+        target, drafter = default_pair(log)
+    elif target is None or drafter is None:
+        raise SystemExit("give both --target and --drafter, or neither (for the default pair)")
+    try:
+        ds = DiffuSpec.from_pretrained(target, drafter, device=args.device, dtype=args.dtype,
+                                       **_parse_config(args.config))
+        t0 = time.perf_counter()
+        [result] = ds.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                               speculate=not args.no_speculate)
+        elapsed = time.perf_counter() - t0
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    st = result.stats
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, "elapsed_s": elapsed, "stats": st.as_dict()}))
+    else:
+        print(args.prompt + result.text)
+        print(f"-- {st.new_tokens} tokens, {st.rounds} rounds, tau {st.tau:.2f}, "
+              f"{st.new_tokens / elapsed:.1f} tokens/s ({result.finish_reason})")
+    return 0
+
+
+def cmd_build_proxy(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .proxy import NGramModel
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    paths = [Path(p) for p in args.inputs] if args.inputs else None
+    if paths is None:
+        import sysconfig
+        paths = [Path(sysconfig.get_paths()["stdlib"])]
+    files = []
+    for p in paths:
+        files.extend(sorted(f for f in p.rglob("*") if f.suffix in {".py", ".txt", ".md"}) if p.is_dir() else [p])
+    files = [f for f in files if "test" not in f.parts and f.is_file()]
+    seqs = []
+    for f in files:
+        try:
+            seqs.append(tok(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+        except (UnicodeDecodeError, OSError):
+            continue
+    model = NGramModel.from_corpus(seqs, order=args.order, vocab_size=len(tok), min_count=args.min_count)
+    model.save(args.out, metadata={"files": len(seqs), "tokens": sum(map(len, seqs)), "tokenizer": str(args.tokenizer)})
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: order {args.order}, {len(seqs)} files, {sum(map(len, seqs))} tokens, {size / 1e6:.1f} MB")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffuspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="speculative generation for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--target", help="target model folder (transformers causal LM)")
+    g.add_argument("--drafter", help="drafter folder (Dream or LLaDA format)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-speculate", action="store_true", help="plain AR decoding through the same engine")
+    g.add_argument("--device")
+    g.add_argument("--dtype")
+    g.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DiffuSpecConfig key, e.g. --config k_max=16 (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("build-proxy", help="build a corpus n-gram table for the causal proxy")
+    b.add_argument("inputs", nargs="*", help="text files or folders (default: the Python standard library)")
+    b.add_argument("--tokenizer", required=True, help="folder with the target's tokenizer")
+    b.add_argument("--out", required=True, help="output .safetensors file")
+    b.add_argument("--order", type=int, default=3)
+    b.add_argument("--min-count", type=int, default=2, help="drop rarer n-grams (order >= 2)")
+    b.set_defaults(func=cmd_build_proxy)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Lattice, proxy, CPS, ADL and acceptance rules on hand-built inputs with written answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffuspec.adl import AdaptiveDraftLength, generated_length
+from diffuspec.config import ADLConfig, CPSConfig, LatticeConfig
+from diffuspec.cps import search_path
+from diffuspec.lattice import build_lattice
+from diffuspec.proxy import CausalProxy, NGramModel
+from diffuspec.verify import accept_greedy, warp_logits
+
+EOS = 9
+
+
+def _logq(rows):  # rows: list (batch) of list (positions) of {token: prob}; vocab 10
+    out = torch.full((len(rows), len(rows[0]), 10), 1e-9)
+    for b, positions in enumerate(rows):
+        for i, dist in enumerate(positions):
+            for t, p in dist.items():
+                out[b, i, t] = p
+    out = out / out.sum(-1, keepdim=True)
+    return out.log()
+
+
+# ------------------------------------------------------------------ lattice
+def test_lattice_sets_are_entropy_adaptive():
+    logq = _logq([[{1: 0.95, 2: 0.05}, {3: 0.4, 4: 0.3, 5: 0.2, 6: 0.1}, {7: 0.5, 8: 0.31, 2: 0.19}]])
+    lat = build_lattice(logq, torch.tensor([3]), EOS, LatticeConfig())
+    sets = [set(lat.tokens[0, i][lat.valid[0, i]].tolist()) for i in range(3)]
+    assert sets == [{1}, {3, 4, 5}, {7, 8}]  # mass 0.8 reached after 1, 3 and 2 tokens
+    assert lat.length.tolist() == [3]
+    assert lat.tokens[0, :, 0].tolist() == [1, 3, 7]
+
+
+def test_lattice_size_cap():
+    flat = {t: 0.1 for t in range(10)}
+    lat = build_lattice(_logq([[flat]]), torch.tensor([1]), None, LatticeConfig(max_candidates=4))
+    assert int(lat.valid.sum()) == 4
+
+
+def test_lattice_keeps_eos_and_cuts_after_it():
+    logq = _logq([[{1: 0.9, EOS: 0.1}, {2: 0.85, EOS: 0.15}, {3: 1.0}, {4: 1.0}],
+                  [{1: 0.97, EOS: 0.03}, {2: 1.0}, {EOS: 0.9, 3: 0.1}, {4: 1.0}]])
+    lat = build_lattice(logq, torch.tensor([4, 4]), EOS, LatticeConfig(eos_min_prob=0.05))
+    # row 0: EOS (0.1) is outside the 0.8 mass set but kept; the lattice ends at position 0
+    assert lat.length.tolist() == [1, 3]
+    assert set(lat.tokens[0, 0][lat.valid[0, 0]].tolist()) == {1, EOS}
+    # row 1: 0.03 < eos_min_prob, so EOS first appears at position 2
+    assert set(lat.tokens[1, 0][lat.valid[1, 0]].tolist()) == {1}
+    assert not lat.valid[1, 3].any()
+
+
+def test_lattice_respects_per_row_k():
+    logq = _logq([[{1: 1.0}] * 5, [{2: 1.0}] * 5])
+    lat = build_lattice(logq, torch.tensor([5, 2]), EOS, LatticeConfig())
+    assert lat.length.tolist() == [5, 2]
+    assert lat.valid[1].any(-1).tolist() == [True, True, False, False, False]
+
+
+# ------------------------------------------------------------------ proxy
+def test_witten_bell_bigram_by_hand():
+    # sequence a b a c a b (a=0, b=1, c=2), vocab 4
+    seq = torch.tensor([[0, 1, 0, 2, 0, 1]])
+    m = NGramModel.fit(seq, torch.tensor([6]), order=2, vocab_size=4)
+    cand = torch.arange(4)[None]
+    got = m.logprob(torch.tensor([0]), torch.tensor([[0]]), cand).exp()[0]
+    # unigram: c(a)=3 c(b)=2 c(c)=1, N=6, T=3 → p1(w) = (c + 3/4) / 9
+    p1 = torch.tensor([3.75, 2.75, 1.75, 0.75]) / 9
+    # after 'a': c(a,b)=2 c(a,c)=1, c(a)=3, T(a)=2 → p2(w|a) = (c(a,w) + 2 p1(w)) / 5
+    want = (torch.tensor([0.0, 2.0, 1.0, 0.0]) + 2 * p1) / 5
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # unseen context 'd' (3) falls back to the unigram
+    back = m.logprob(torch.tensor([0]), torch.tensor([[3]]), cand).exp()[0]
+    assert torch.allclose(back, p1, atol=1e-6)
+    # no context at all (-1) is the unigram too
+    none = m.logprob(torch.tensor([0]), torch.tensor([[-1]]), cand).exp()[0]
+    assert torch.allclose(none, p1, atol=1e-6)
+
+
+def test_online_model_keeps_rows_apart():
+    seqs = torch.tensor([[0, 1, 0, 1, 0, 1], [0, 2, 0, 2, 0, 2]])
+    m = NGramModel.fit(seqs, torch.tensor([6, 6]), order=2, vocab_size=3)
+    lp = m.logprob(torch.tensor([0, 1]), torch.tensor([[0], [0]]), torch.tensor([[1, 2], [1, 2]])).exp()
+    assert lp[0, 0] > 0.5 > lp[0, 1]
+    assert lp[1, 1] > 0.5 > lp[1, 0]
+    # only the first `length` tokens of a row count
+    short = NGramModel.fit(seqs, torch.tensor([6, 1]), order=2, vocab_size=3)
+    lp = short.logprob(torch.tensor([1]), torch.tensor([[0]]), torch.tensor([[2]])).exp()
+    assert lp.item() == pytest.approx((0 + 1 / 3) / (1 + 1))  # unigram of row 1 = "0" only
+
+
+def test_corpus_table_round_trip(tmp_path):
+    corpus = [[0, 1, 2, 0, 1, 2, 0, 1], [3, 3, 3]]
+    m = NGramModel.from_corpus(corpus, order=3, vocab_size=5)
+    m.save(tmp_path / "t.safetensors", metadata={"corpus": "test"})
+    loaded = NGramModel.load(tmp_path / "t.safetensors")
+    ctx, cand = torch.tensor([[0, 1], [3, 3]]), torch.tensor([[2, 3], [3, 0]])
+    rows = torch.tensor([5, 9])  # ignored by a pooled table
+    assert torch.equal(m.logprob(rows, ctx, cand), loaded.logprob(rows, ctx, cand))
+    assert loaded.info == {"corpus": "test"}
+    assert loaded.logprob(rows, ctx, cand).exp()[0, 0] > 0.6
+    with pytest.raises(ValueError, match="does not exist"):
+        NGramModel.load(tmp_path / "missing.safetensors")
+
+
+def test_mixture_proxy_is_normalised():
+    corpus = NGramModel.from_corpus([[0, 1, 2, 3, 0, 1]], order=2, vocab_size=4)
+    online = NGramModel.fit(torch.tensor([[3, 2, 1, 0]]), torch.tensor([4]), order=2, vocab_size=4)
+    proxy = CausalProxy(online, corpus, corpus_weight=0.3)
+    p = proxy.logprob(torch.tensor([0]), torch.tensor([[1]]), torch.arange(4)[None]).exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------ CPS
+def test_cps_repairs_an_incoherent_argmax_path():
+    """The prompt repeats "1 2 3"; the drafter slightly prefers 5 then 6 at the next two
+    positions (argmax path 5 6, never seen in the text); the proxy knows 2 then 3."""
+    prefix = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 3, 1]])
+    logq = _logq([[{5: 0.52, 2: 0.48}, {6: 0.52, 3: 0.48}]])
+    lat = build_lattice(logq, torch.tensor([2]), None, LatticeConfig())
+    assert lat.argmax_path().tolist() == [[5, 6]]
+    proxy = CausalProxy(NGramModel.fit(prefix, torch.tensor([10]), 3, 10), None, 0.5)
+    path = search_path(lat, proxy, prefix[:, -2:], CPSConfig())
+    assert path.tolist() == [[2, 3]]
+    # λ = 1 ignores the proxy: the argmax path again
+    assert search_path(lat, proxy, prefix[:, -2:], CPSConfig(lam=1.0)).tolist() == [[5, 6]]
+    # disabled CPS is the argmax path
+    assert search_path(lat, proxy, prefix[:, -2:], CPSConfig(enabled=False)).tolist() == [[5, 6]]
+
+
+def test_beam_finds_what_greedy_misses():
+    """The proxy prefers 4 at position 0 (4 is frequent), but only 7 has a likely follower
+    at position 1 (7 → 8 was seen; nothing in the lattice follows 4): width 1 commits to 4,
+    width 3 keeps 7 alive and finds 7 8. Scores: [4, 8] -2.74 < [7, 8] -2.02."""
+    prefix = torch.tensor([[4, 4, 4, 4, 7, 8, 0]])
+    logq = _logq([[{4: 0.5, 7: 0.5}, {5: 0.5, 8: 0.5}]])
+    lat = build_lattice(logq, torch.tensor([2]), None, LatticeConfig(mass=1.0, max_candidates=2))
+    proxy = CausalProxy(NGramModel.fit(prefix, torch.tensor([7]), 2, 10), None, 0.5)
+    assert search_path(lat, proxy, prefix[:, -1:], CPSConfig(beam_width=1)).tolist() == [[4, 8]]
+    assert search_path(lat, proxy, prefix[:, -1:], CPSConfig(beam_width=3)).tolist() == [[7, 8]]
+
+
+def test_cps_batched_rows_with_different_lengths():
+    prefix = torch.tensor([[1, 2, 3, 1, 2, 3, 1], [4, 5, 4, 5, 4, 5, 4]])
+    logq = _logq([[{2: 0.45, 5: 0.55}, {3: 0.45, 4: 0.55}, {1: 1.0}],
+                  [{5: 0.45, 2: 0.55}, {4: 1.0}, {0: 1.0}]])
+    lat = build_lattice(logq, torch.tensor([3, 1]), None, LatticeConfig())
+    proxy = CausalProxy(NGramModel.fit(prefix, torch.tensor([7, 7]), 3, 10), None, 0.5)
+    path = search_path(lat, proxy, prefix[:, -2:], CPSConfig())
+    assert path[0].tolist() == [2, 3, 1]
+    assert path[1, 0].item() == 5
+
+
+# ------------------------------------------------------------------ ADL
+def test_adl_follows_the_paper_recurrence():
+    cfg = ADLConfig(rho=0.5, delta=4, k_min=2, k_max=20, k_init=8)
+    adl = AdaptiveDraftLength(2, cfg)
+    assert adl.next_k().tolist() == [12, 12]  # Ā = Ḡ = 8 initially → ⌊8⌋ + δ
+    # row 0: drafts of 8, all accepted; row 1: EOS after 2 tokens, 1 accepted
+    adl.update(torch.tensor([8, 2]), torch.tensor([8, 1]), torch.tensor([True, True]))
+    # Ḡ = [8, 5], Ā = [8, 4.5]
+    assert adl.next_k().tolist() == [12, 5]
+    adl.update(torch.tensor([12, 2]), torch.tensor([3, 1]), torch.tensor([True, False]))
+    # row 0: Ḡ = 10, Ā = 5.5 → 10; row 1 inactive: unchanged
+    assert adl.next_k().tolist() == [10, 5]
+    clipped = AdaptiveDraftLength(1, ADLConfig(k_min=4, k_max=6, k_init=6))
+    assert clipped.next_k().tolist() == [6]
+    assert AdaptiveDraftLength(1, ADLConfig(enabled=False, k_init=5)).next_k().tolist() == [5]
+
+
+def test_generated_length_stops_at_first_eos():
+    argmax = torch.tensor([[1, 2, EOS, 3, EOS], [1, 2, 3, 4, 5], [EOS, 1, 1, 1, 1]])
+    assert generated_length(argmax, torch.tensor([5, 5, 5]), EOS).tolist() == [2, 5, 0]
+    assert generated_length(argmax, torch.tensor([1, 3, 5]), EOS).tolist() == [1, 3, 0]
+
+
+# ------------------------------------------------------------------ acceptance
+def test_greedy_acceptance_by_hand():
+    logits = torch.full((3, 4, 6), 0.0)
+    best = torch.tensor([[1, 2, 3, 4], [1, 5, 3, 4], [0, 0, 0, 0]])
+    logits.scatter_(2, best[..., None], 5.0)
+    path = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 1, 1]])
+    n, nxt = accept_greedy(logits, path, torch.tensor([3, 3, 3]))
+    assert n.tolist() == [3, 1, 0]
+    assert nxt.tolist() == [4, 5, 0]  # bonus, correction, correction
+    n, nxt = accept_greedy(logits, path, torch.tensor([2, 3, 0]))
+    assert n.tolist() == [2, 1, 0] and nxt.tolist() == [3, 5, 0]
+
+
+def test_warp_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(warp_logits(logits, 1.0, None, None), torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(warp_logits(logits, 1.0, 2, None), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(warp_logits(logits, 1.0, None, 0.8), torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(warp_logits(logits, 1.0, None, 0.81), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    hot = warp_logits(logits, 2.0, None, None)
+    want = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    assert torch.allclose(hot, want / want.sum())
+    assert math.isclose(float(warp_logits(logits, 1.0, 1, 0.5)[0]), 1.0)

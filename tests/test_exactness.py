@@ -1,0 +1,124 @@
+"""Greedy speculative output must equal greedy target-only output, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OracleDrafter, RandomDrafter, hf_greedy
+
+from diffuspec import DiffuSpec, DiffuSpecConfig, SamplingParams
+from diffuspec.drafters import load_drafter
+from diffuspec.engine import SpeculativeEngine
+
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Path(object):\n    def __init__(self", "x", "for i in range(10):\n    print("]
+
+
+def _engine(target, drafter, eos, **cfg):
+    return SpeculativeEngine(target, drafter, DiffuSpecConfig.from_kwargs(**cfg), eos, emit_vocab=target.config.vocab_size)
+
+
+def _prompt_ids(tok, n):
+    return [tok(p)["input_ids"] for p in PROMPTS[:n]]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kind", ["oracle", "oracle-corrupt", "random", "dream"])
+def test_greedy_equals_target_only(tiny_target, tiny_pair, kind, batch):
+    model, tok = tiny_target
+    mask = tok.mask_token_id
+    drafter = {
+        "oracle": lambda: OracleDrafter(model, mask),
+        "oracle-corrupt": lambda: OracleDrafter(model, mask, corrupt=True),
+        "random": lambda: RandomDrafter(model.config.vocab_size, mask),
+        "dream": lambda: load_drafter(tiny_pair[1]),
+    }[kind]()
+    prompts = _prompt_ids(tok, batch)
+    new = 24
+    outs = _engine(model, drafter, eos=None).generate(prompts, SamplingParams(max_new_tokens=new))
+    plain = _engine(model, None, eos=None).generate(prompts, SamplingParams(max_new_tokens=new))
+    for p, o, a in zip(prompts, outs, plain):
+        ref = hf_greedy(model, p, new, None)
+        assert o.token_ids == ref
+        assert a.token_ids == ref
+        assert o.finish_reason == "length" and len(o.token_ids) == new
+        assert a.stats.rounds == new  # drafting off: one token a round
+    st = outs[0].stats
+    assert sum(st.accepted) + st.rounds == st.new_tokens
+    if kind == "oracle":
+        # Everything proposed is accepted, so rounds are few.
+        assert st.accepted == st.drafted
+        assert st.rounds < new / 3
+    if kind == "oracle-corrupt":
+        assert all(a <= 1 for a in st.accepted) and max(st.accepted) == 1
+
+
+def test_eos_inside_a_draft(tiny_target):
+    """Generation stops at an EOS that sits in the middle of an accepted path."""
+    model, tok = tiny_target
+    prompt = tok(PROMPTS[0])["input_ids"]
+    free = hf_greedy(model, prompt, 12, None)
+    eos = free[5]  # make the 6th greedy token the EOS
+    ref = hf_greedy(model, prompt, 12, eos)
+    assert ref[-1] == eos and len(ref) <= 6
+    out = _engine(model, OracleDrafter(model, tok.mask_token_id), eos, k_init=8).generate(
+        [prompt], SamplingParams(max_new_tokens=12))[0]
+    assert out.token_ids == ref
+    assert out.finish_reason == "eos"
+    assert out.stats.rounds == 1  # the EOS came inside the first path
+
+
+@pytest.mark.parametrize("new", [1, 2, 5, 9])
+def test_max_new_tokens_reached_mid_path(tiny_target, new):
+    model, tok = tiny_target
+    prompts = _prompt_ids(tok, 3)
+    outs = _engine(model, OracleDrafter(model, tok.mask_token_id), None, k_init=8, k_max=8).generate(
+        prompts, SamplingParams(max_new_tokens=new))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, new, None)
+        assert o.finish_reason == "length"
+
+
+def test_api_batch_of_strings_matches_plain(tiny_pair):
+    ds = DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1])
+    spec = ds.generate(PROMPTS, max_new_tokens=16)
+    plain = ds.generate(PROMPTS, max_new_tokens=16, speculate=False)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert [r.text for r in spec] == [r.text for r in plain]
+    for r in spec:
+        st = r.stats
+        assert st.rounds == len(st.accepted) == len(st.drafted) == len(st.draft_lengths)
+        assert st.wall_time == pytest.approx(st.time_draft + st.time_search + st.time_verify + st.time_other)
+        assert st.time_draft > 0 and st.time_verify > 0
+
+
+def test_stop_string(tiny_pair):
+    ds = DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1])
+    [free] = ds.generate("def f(", max_new_tokens=20, speculate=False)
+    assert len(free.text) > 6
+    stop = free.text[3:5]
+    [cut] = ds.generate("def f(", max_new_tokens=20, stop=stop)
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)]
+    assert stop in ds.tokenizer.decode(cut.token_ids, skip_special_tokens=True)
+    assert stop not in ds.tokenizer.decode(cut.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_seeded_determinism(tiny_pair):
+    ds = DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1])
+    a = ds.generate(PROMPTS[:2], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    b = ds.generate(PROMPTS[:2], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    c = ds.generate(PROMPTS[:2], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=8)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+def test_cps_and_argmax_paths_both_exact(tiny_target, tiny_pair):
+    model, tok = tiny_target
+    prompts = _prompt_ids(tok, 4)
+    drafter = load_drafter(tiny_pair[1])
+    ref = [o.token_ids for o in _engine(model, None, None).generate(prompts, SamplingParams(max_new_tokens=12))]
+    for cfg in ({"cps": {"enabled": False}}, {"beam_width": 1}, {"adl": {"enabled": False}, "k_init": 4},
+                {"drafter_context": 3}):
+        outs = _engine(model, drafter, None, **cfg).generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [o.token_ids for o in outs] == ref, cfg
