@@ -99,9 +99,9 @@ class DiffuSpec:
                                      "(tokenizer.add_special_tokens({'mask_token': '<|mask|>'})) or mask_token_id "
                                      "to the drafter's config.json.")
                 drafter_model.mask_token_id = mask_id
-            if getattr(tokenizer, "mask_token_id", None) is None and mask_id >= len(tokenizer):
-                raise ValueError(f"the tokenizer has no mask token, and the drafter's mask_token_id={mask_id} is not "
-                                 f"one of its {len(tokenizer)} ids; add the drafter's mask token to the tokenizer.")
+            if not 0 <= mask_id < drafter_model.vocab_size:
+                raise ValueError(f"mask_token_id={mask_id} is outside the drafter's {drafter_model.vocab_size} "
+                                 "embedding rows; fix mask_token_id in the drafter's config.json")
         self.target = target_model.eval()
         self.drafter = drafter_model.eval() if drafter_model is not None else None
         self.tokenizer = tokenizer

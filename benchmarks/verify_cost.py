@@ -1,0 +1,78 @@
+"""Measure the target's verify cost T_verify(n) for n = 1..N new tokens on this machine.
+
+On a CPU, verifying n tokens costs more as n grows well before it does on a GPU; the ADL
+bounds (k_min, k_max) are chosen from this curve. Writes JSON with the machine described.
+
+    python benchmarks/verify_cost.py --out benchmarks/results/verify_cost_cpu.json
+    python benchmarks/verify_cost.py --target PATH   # a real target instead of the default shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from diffuspec.target import TargetRunner
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", help="model folder; default: a random Qwen2 of the embedded target's shape")
+    ap.add_argument("--context", type=int, default=256, help="tokens already in the KV cache")
+    ap.add_argument("--max-n", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.target:
+        model = AutoModelForCausalLM.from_pretrained(args.target).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1408,
+                                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                                             tie_word_embeddings=True, max_position_embeddings=4096)).eval()
+    params = sum(p.numel() for p in model.parameters())
+    vocab = model.config.vocab_size
+    runner = TargetRunner(model, 1, args.context + args.max_n + 2)
+    with torch.inference_mode():
+        runner.forward(torch.randint(0, vocab, (1, args.context)), torch.tensor([0]))
+        rows = []
+        for n in range(1, args.max_n + 1):
+            ids = torch.randint(0, vocab, (1, n))
+            for _ in range(3):
+                runner.forward(ids, torch.tensor([args.context]))
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                runner.forward(ids, torch.tensor([args.context]))
+                times.append(time.perf_counter() - t)
+            rows.append({"n": n, "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)})
+            print(f"n={n:3d}  {rows[-1]['median_ms']:7.2f} ms  ({rows[-1]['median_ms'] / rows[0]['median_ms']:.2f}x)")
+    result = {"machine": machine(), "target": args.target or "random Qwen2 8 layers, hidden 512, vocab 8192",
+              "params": params, "context": args.context, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
