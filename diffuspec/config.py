@@ -107,6 +107,10 @@ class DiffuSpecConfig:
     # The drafter sees at most this many trailing prefix tokens (None: all). Drafting may
     # approximate freely: it changes acceptance, never the output.
     drafter_context: int | None = None
+    # Keep the drafter's prefix keys/values across rounds (None: on for prefix-causal
+    # drafters, where it is exact; True forces it on for bidirectional ones such as Dream,
+    # as an approximation). With the cache on, drafter_context is not applied.
+    drafter_cache: bool | None = None
     # Path of a corpus n-gram table (``diffuspec build-proxy``), mixed with the online model.
     proxy_table: str | None = None
 

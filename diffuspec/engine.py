@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adl import AdaptiveDraftLength, generated_length
+from .adl import AdaptiveDraftLength
 from .config import DiffuSpecConfig, SamplingParams
-from .cps import search_path
 from .drafters.base import DiffusionDrafter
-from .lattice import build_lattice
-from .proxy import CausalProxy, NGramModel
+from .propose import PathProposer
+from .proxy import NGramModel
 from .target import TargetRunner
 from .verify import accept_greedy, accept_sampling
 
@@ -130,46 +129,11 @@ class SpeculativeEngine:
         self.emit_vocab = emit_vocab  # ids >= this are never drafted (the target cannot emit them)
         self.proxy_table = proxy_table
         self.device = next(target_model.parameters()).device
-        self._draft_bias: torch.Tensor | None = None
+        self.proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table) if drafter else None
 
     @property
     def speculating(self) -> bool:
         return self.config.speculate and self.drafter is not None
-
-    def _draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mask ids the target cannot emit, and the mask token itself; normalise."""
-        vocab = logits.shape[-1]
-        if self._draft_bias is None or self._draft_bias.shape[0] != vocab:
-            bias = torch.zeros(vocab, device=logits.device)
-            bias[min(self.emit_vocab, vocab):] = float("-inf")
-            bias[self.drafter.mask_token_id] = float("-inf")
-            self._draft_bias = bias
-        return (logits.float() + self._draft_bias).log_softmax(-1)
-
-    def _propose(self, tokens, lengths_cpu, k_cpu):
-        """Draft, build the lattice, search a path. Returns path [B, kmax], path_len [B],
-        gen_len [B] (device) and the draft / search times."""
-        cfg, dev = self.config, self.device
-        t0 = time.perf_counter()
-        kmax = int(k_cpu.max())
-        room = self.drafter.max_positions - kmax
-        context = room if cfg.drafter_context is None else min(cfg.drafter_context, room)
-        logq = self._draft_logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context))  # [B, kmax, V]
-        t1 = time.perf_counter()
-        k = k_cpu.to(dev)
-        lattice = build_lattice(logq, k, self.eos_token_id, cfg.lattice)
-        if cfg.cps.enabled:
-            lengths = lengths_cpu.to(dev)
-            proxy = CausalProxy(NGramModel.fit(tokens, lengths, cfg.proxy.order, self.emit_vocab),
-                                self.proxy_table, cfg.proxy.corpus_weight)
-            hist = proxy.order - 1
-            tail_idx = lengths[:, None] - hist + torch.arange(hist, device=dev)[None, :]
-            tail = torch.where(tail_idx >= 0, tokens.gather(1, tail_idx.clamp(min=0)), torch.full_like(tail_idx, -1))
-            path = search_path(lattice, proxy, tail, cfg.cps)
-        else:
-            path = lattice.argmax_path()
-        gen_len = generated_length(logq.argmax(-1), k, self.eos_token_id)
-        return path, lattice.length, gen_len, t1 - t0, time.perf_counter() - t1
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, decode=None) -> list[RequestOutput]:
@@ -196,6 +160,7 @@ class SpeculativeEngine:
         if longest > 1:  # prefill all but each row's last token
             runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64))
         adl = AdaptiveDraftLength(b, cfg.adl)  # on the CPU: its state is host metadata
+        drafter_state = self.drafter.new_state(b, cap) if self.speculating else None
         stopper = StopChecker(params.stop, decode) if params.stop else None
         prefill = time.perf_counter() - start_wall
 
@@ -216,7 +181,9 @@ class SpeculativeEngine:
             kmax = int(k_cpu.max())
             t_draft = t_search = 0.0
             if kmax > 0:
-                path, path_len, gen_len, t_draft, t_search = self._propose(tokens, lengths_cpu, k_cpu)
+                prop = self.proposer.propose(tokens, lengths_cpu, k_cpu, drafter_state)
+                path, path_len, gen_len, t_draft, t_search = (prop.path, prop.path_len, prop.gen_len,
+                                                              prop.time_draft, prop.time_search)
             else:
                 path = torch.zeros(b, 0, dtype=torch.int64, device=dev)
                 path_len = gen_len = torch.zeros(b, dtype=torch.int64, device=dev)

@@ -19,7 +19,6 @@ Hash collisions are possible and harmless: the proxy can only change which path 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,31 +32,37 @@ def _hash_step(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return h * _MULT + (tok + 1)
 
 
-@dataclass
-class _OrderTable:
-    keys: torch.Tensor        # [N] int64 sorted hashes of (row, context, word)
-    counts: torch.Tensor      # [N] float c(h, w)
-    ctx_keys: torch.Tensor    # [C] int64 sorted hashes of (row, context)
-    ctx_counts: torch.Tensor  # [C] float c(h)
-    ctx_types: torch.Tensor   # [C] float T(h)
-
-
 def _lookup(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     if keys.numel() == 0:
         return torch.zeros(query.shape, dtype=values.dtype, device=query.device)
-    idx = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
+    idx = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.numel() - 1).view(query.shape)
     return torch.where(keys[idx] == query, values[idx], torch.zeros((), dtype=values.dtype, device=query.device))
 
 
-class NGramModel:
-    """An order-n Witten-Bell n-gram model over token ids, optionally keyed per batch row."""
+def _context_hash(seed: torch.Tensor, order: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Hash of (row seed, n-gram order, context tokens): contexts of different orders never
+    share a key, so every order lives in one sorted table."""
+    h = seed * _MULT + order
+    for i in range(tokens.shape[-1]):
+        h = _hash_step(h, tokens[..., i])
+    return h
 
-    def __init__(self, order: int, vocab_size: int, tables: list[_OrderTable], keyed_by_row: bool) -> None:
-        assert len(tables) == order
+
+class NGramModel:
+    """An order-n Witten-Bell n-gram model over token ids, optionally keyed per batch row.
+
+    All orders share two sorted tables, so scoring is two ``searchsorted`` calls:
+    ``keys``/``counts`` hold c(h, w) and ``ctx_keys``/``ctx_counts``/``ctx_types`` hold
+    c(h) and T(h)."""
+
+    def __init__(self, order: int, vocab_size: int, keys, counts, ctx_keys, ctx_counts, ctx_types,
+                 keyed_by_row: bool) -> None:
         self.order = order
         self.vocab_size = vocab_size
-        self.tables = tables
+        self.keys, self.counts = keys, counts                                   # [N] int64, [N] float
+        self.ctx_keys, self.ctx_counts, self.ctx_types = ctx_keys, ctx_counts, ctx_types  # [C] ...
         self.keyed_by_row = keyed_by_row
+        self.info: dict = {}
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -74,45 +79,42 @@ class NGramModel:
         (a corpus); ``min_count`` drops rarer n-grams of order >= 2 (a smaller table)."""
         b, t = tokens.shape
         device = tokens.device
-        row_seed = (torch.arange(b, device=device, dtype=torch.int64) + 1) if keyed_by_row else torch.zeros(b, dtype=torch.int64, device=device)
-        tables = []
-        for j in range(1, order + 1):
-            if t < j:
-                tables.append(_empty_table(device))
-                continue
+        lengths = lengths.to(device)
+        seed = (torch.arange(b, device=device, dtype=torch.int64) + 1) if keyed_by_row else \
+            torch.zeros(b, dtype=torch.int64, device=device)
+        all_keys, all_counts, all_ctx = [], [], []
+        for j in range(1, min(order, t) + 1):
             windows = tokens.unfold(1, j, 1)                                  # [B, T-j+1, j]
             ok = (torch.arange(t - j + 1, device=device)[None, :] + j) <= lengths[:, None]
-            h = row_seed[:, None].expand(b, t - j + 1)
-            for i in range(j - 1):
-                h = _hash_step(h, windows[..., i])
-            ctx = h[ok]
-            full = _hash_step(h, windows[..., j - 1])[ok]
-            keys, counts = torch.unique(full, return_counts=True)
-            # the context of each unique key: recompute from one representative occurrence
-            first = torch.zeros_like(keys)
-            inverse = torch.searchsorted(keys, full)
-            first.scatter_(0, inverse, ctx)  # every occurrence of a key has the same context hash
+            ctx = _context_hash(seed[:, None].expand(b, t - j + 1), j, windows[..., : j - 1])[ok]
+            full = _hash_step(ctx, windows[..., j - 1][ok])
+            keys, inverse, counts = torch.unique(full, return_inverse=True, return_counts=True)
+            first = torch.zeros_like(keys).scatter_(0, inverse, ctx)  # each key has one context
             counts = counts.to(torch.float32)
             if min_count > 1 and j >= 2:
                 keep = counts >= min_count
                 keys, counts, first = keys[keep], counts[keep], first[keep]
-            ctx_keys, ctx_inv = torch.unique(first, return_inverse=True)
-            ctx_counts = torch.zeros(ctx_keys.numel(), device=device).scatter_add_(0, ctx_inv, counts)
-            ctx_types = torch.zeros(ctx_keys.numel(), device=device).scatter_add_(0, ctx_inv, torch.ones_like(counts))
-            tables.append(_OrderTable(keys, counts, ctx_keys, ctx_counts, ctx_types))
-        return cls(order, vocab_size, tables, keyed_by_row)
+            all_keys.append(keys)
+            all_counts.append(counts)
+            all_ctx.append(first)
+        keys, counts, ctx = (torch.cat(x) if x else torch.zeros(0, device=device) for x in (all_keys, all_counts, all_ctx))
+        keys, ctx = keys.long(), ctx.long()
+        order_idx = keys.argsort()
+        keys, counts, ctx = keys[order_idx], counts[order_idx], ctx[order_idx]
+        ctx_keys, ctx_inv = torch.unique(ctx, return_inverse=True)
+        ctx_counts = torch.zeros(ctx_keys.numel(), device=device).scatter_add_(0, ctx_inv, counts)
+        ctx_types = torch.zeros(ctx_keys.numel(), device=device).scatter_add_(0, ctx_inv, torch.ones_like(counts))
+        return cls(order, vocab_size, keys, counts, ctx_keys, ctx_counts, ctx_types, keyed_by_row)
 
     @classmethod
     def from_corpus(cls, sequences: list[list[int]], order: int, vocab_size: int, min_count: int = 1,
                     chunk: int = 4096) -> "NGramModel":
-        """Pool n-gram counts over token sequences (documents). Each sequence is cut into
-        chunks of ``chunk`` tokens, so n-grams never span two documents."""
+        """Pool n-gram counts over token sequences (documents), cut into chunks of ``chunk``
+        tokens that overlap by order-1, so no n-gram spans two documents or is lost."""
         rows = []
         for seq in sequences:
-            for s in range(0, len(seq), chunk - order + 1):
-                piece = seq[s:s + chunk]
-                if len(piece) >= 1:
-                    rows.append(piece)
+            for s in range(0, max(len(seq), 1), chunk - order + 1):
+                rows.append(seq[s:s + chunk])
                 if s + chunk >= len(seq):
                     break
         width = max((len(r) for r in rows), default=1)
@@ -121,6 +123,7 @@ class NGramModel:
         for i, r in enumerate(rows):
             tokens[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
             lengths[i] = len(r)
+        # overlapping chunks count their shared n-grams twice; only long documents have them
         return cls.fit(tokens, lengths, order, vocab_size, keyed_by_row=False, min_count=min_count)
 
     # ---------------------------------------------------------------- scoring
@@ -131,36 +134,29 @@ class NGramModel:
         cand: torch.Tensor,     # [N, M] int64: candidate next tokens
     ) -> torch.Tensor:          # [N, M] float32 log p(cand | context)
         n, m = cand.shape
-        p = torch.full((n, m), 1.0 / self.vocab_size, device=cand.device)
-        seed = (rows.to(torch.int64) + 1) if self.keyed_by_row else torch.zeros_like(rows, dtype=torch.int64)
         c = context.shape[1]
-        for j in range(1, self.order + 1):
-            hist = j - 1
-            if hist > c:
-                break
-            h = seed.clone()
-            usable = torch.ones(n, dtype=torch.bool, device=cand.device)
-            for i in range(c - hist, c):
-                usable &= context[:, i] >= 0
-                h = _hash_step(h, context[:, i])
-            tab = self.tables[j - 1]
-            c_h = _lookup(tab.ctx_keys, tab.ctx_counts, h)
-            t_h = _lookup(tab.ctx_keys, tab.ctx_types, h)
-            c_hw = _lookup(tab.keys, tab.counts, _hash_step(h[:, None], cand))
-            seen = (c_h > 0) & usable
-            p_j = (c_hw + t_h[:, None] * p) / (c_h + t_h).clamp(min=1.0)[:, None]
-            p = torch.where(seen[:, None], p_j, p)
+        seed = (rows.to(torch.int64) + 1) if self.keyed_by_row else torch.zeros_like(rows, dtype=torch.int64)
+        orders = range(1, min(self.order, c + 1) + 1)
+        ctx = torch.stack([_context_hash(seed, j, context[:, c - j + 1:]) for j in orders], 1)   # [N, J]
+        usable = torch.stack([(context[:, c - j + 1:] >= 0).all(1) for j in orders], 1)         # [N, J]
+        c_h = _lookup(self.ctx_keys, self.ctx_counts, ctx)
+        t_h = _lookup(self.ctx_keys, self.ctx_types, ctx)
+        c_hw = _lookup(self.keys, self.counts, _hash_step(ctx[:, :, None], cand[:, None, :]))  # [N, J, M]
+        seen = (c_h > 0) & usable
+        denom = (c_h + t_h).clamp(min=1.0)
+        p = torch.full((n, m), 1.0 / self.vocab_size, device=cand.device)
+        for j in range(len(orders)):
+            p_j = (c_hw[:, j] + t_h[:, j, None] * p) / denom[:, j, None]
+            p = torch.where(seen[:, j, None], p_j, p)
         return p.log()
 
     # ---------------------------------------------------------------- files
+    _TENSORS = ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types")
+
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        tensors = {}
-        for j, tab in enumerate(self.tables, start=1):
-            for name in ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types"):
-                tensors[f"order{j}.{name}"] = getattr(tab, name).contiguous().cpu()
         meta = {"order": str(self.order), "vocab_size": str(self.vocab_size), "keyed_by_row": str(self.keyed_by_row),
                 "info": json.dumps(metadata or {})}
-        save_file(tensors, str(path), metadata=meta)
+        save_file({name: getattr(self, name).contiguous().cpu() for name in self._TENSORS}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "NGramModel":
@@ -173,19 +169,10 @@ class NGramModel:
         if "order" not in meta:
             raise ValueError(f"{str(path)!r} is not a diffuspec proxy table (no 'order' metadata)")
         state = load_file(str(path), device=str(device))
-        order = int(meta["order"])
-        tables = [_OrderTable(*(state[f"order{j}.{name}"] for name in
-                                ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types")))
-                  for j in range(1, order + 1)]
-        model = cls(order, int(meta["vocab_size"]), tables, meta.get("keyed_by_row") == "True")
+        model = cls(int(meta["order"]), int(meta["vocab_size"]), *(state[name] for name in cls._TENSORS),
+                    keyed_by_row=meta.get("keyed_by_row") == "True")
         model.info = json.loads(meta.get("info", "{}"))
         return model
-
-
-def _empty_table(device) -> _OrderTable:
-    e = torch.zeros(0, dtype=torch.int64, device=device)
-    f = torch.zeros(0, device=device)
-    return _OrderTable(e, f, e.clone(), f.clone(), f.clone())
 
 
 class CausalProxy:

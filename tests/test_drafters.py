@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffuspec.drafters import build_masked_input, load_drafter
+from diffuspec.drafters import (BidirectionalTransformer, TransformerDrafter, TransformerSpec, build_masked_input,
+                                draft_attention_mask, load_drafter)
 
 H, F, LAYERS, HEADS, KV, V = 32, 48, 2, 4, 2, 50
 HD = H // HEADS
@@ -138,14 +139,50 @@ def test_ragged_batch_equals_rows_alone(tmp_path):
         assert torch.allclose(batch[i, :k], solo[0], atol=1e-5)
 
 
-def test_masked_input_layout_and_context_window():
+def test_masked_input_layout():
     tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]])
-    ids, real, n_prefix = build_masked_input(tokens, torch.tensor([5, 2]), torch.tensor([2, 3]), 99, 0, context=3)
+    lengths = torch.tensor([5, 2])
+    ids, n_real = build_masked_input(tokens, torch.tensor([2, 0]), lengths, torch.tensor([2, 3]), 99, 0)
     assert ids.tolist() == [[3, 4, 5, 99, 99], [6, 7, 99, 99, 99]]
-    assert real.all() and n_prefix.tolist() == [3, 2]
-    ids, real, _ = build_masked_input(tokens, torch.tensor([5, 2]), torch.tensor([1, 1]), 99, 0, context=None)
+    assert n_real.tolist() == [3, 2]
+    ids, _ = build_masked_input(tokens, torch.tensor([0, 0]), lengths, torch.tensor([1, 1]), 99, 0)
     assert ids.tolist() == [[1, 2, 3, 4, 5, 99], [6, 7, 99, 0, 0, 0]]
-    assert real.tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+
+
+def test_draft_attention_mask_by_hand():
+    # one row, 2 new prefix tokens after 3 cached ones, 2 masks, 1 padding query
+    m = draft_attention_mask(torch.tensor([3]), torch.tensor([2]), torch.tensor([2]), 5, 8, prefix_causal=True)[0, 0]
+    assert m.int().tolist() == [
+        [1, 1, 1, 1, 0, 0, 0, 0],  # prefix token at column 3: causal
+        [1, 1, 1, 1, 1, 0, 0, 0],  # prefix token at column 4
+        [1, 1, 1, 1, 1, 1, 1, 0],  # mask at column 5: whole row
+        [1, 1, 1, 1, 1, 1, 1, 0],  # mask at column 6
+        [1, 1, 1, 1, 1, 1, 1, 1],  # padding: causal, never read
+    ]
+    full = draft_attention_mask(torch.tensor([0]), torch.tensor([2]), torch.tensor([1]), 3, 3, prefix_causal=False)
+    assert full[0, 0].all()
+
+
+def test_prefix_cache_is_exact_for_prefix_causal_drafters(tmp_path):
+    """With a prefix-causal drafter, drafting round after round from the cache gives the
+    same distributions as a full pass over the whole prefix."""
+    torch.manual_seed(0)
+    spec = TransformerSpec(vocab_size=V, hidden_size=H, intermediate_size=F, num_layers=LAYERS, num_heads=HEADS,
+                           num_kv_heads=KV, prefix_causal=True, max_position_embeddings=128)
+    for shifted in (True, False):
+        drafter = TransformerDrafter(BidirectionalTransformer(spec), mask_token_id=MASK, pad_token_id=PAD,
+                                     shifted=shifted, format="dream").eval()
+        assert drafter.prefix_cache
+        tokens = torch.randint(0, 40, (2, 30))
+        state = drafter.new_state(2, 40)
+        lengths = torch.tensor([5, 9])
+        for grow, k in [((0, 0), (4, 2)), ((3, 1), (3, 5)), ((1, 4), (2, 2))]:
+            lengths = lengths + torch.tensor(grow)
+            kk = torch.tensor(k)
+            cached = drafter.draft(tokens, lengths, kk, state=state)
+            full = drafter.draft(tokens, lengths, kk, state=None)
+            for b in range(2):
+                assert torch.allclose(cached[b, : k[b]], full[b, : k[b]], atol=1e-5)
 
 
 def test_bad_checkpoint_folders(tmp_path, tiny_pair):

@@ -7,7 +7,7 @@ import torch
 from conftest import OracleDrafter, RandomDrafter, hf_greedy
 
 from diffuspec import DiffuSpec, DiffuSpecConfig, SamplingParams
-from diffuspec.drafters import load_drafter
+from diffuspec.drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, load_drafter
 from diffuspec.engine import SpeculativeEngine
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Path(object):\n    def __init__(self", "x", "for i in range(10):\n    print("]
@@ -119,6 +119,22 @@ def test_cps_and_argmax_paths_both_exact(tiny_target, tiny_pair):
     drafter = load_drafter(tiny_pair[1])
     ref = [o.token_ids for o in _engine(model, None, None).generate(prompts, SamplingParams(max_new_tokens=12))]
     for cfg in ({"cps": {"enabled": False}}, {"beam_width": 1}, {"adl": {"enabled": False}, "k_init": 4},
-                {"drafter_context": 3}):
+                {"drafter_context": 3}, {"drafter_cache": True}):
+        config = DiffuSpecConfig.from_kwargs(**cfg)
+        drafter.prefix_cache = bool(config.drafter_cache)  # the approximate cache on a bidirectional drafter
         outs = _engine(model, drafter, None, **cfg).generate(prompts, SamplingParams(max_new_tokens=12))
         assert [o.token_ids for o in outs] == ref, cfg
+
+
+def test_prefix_causal_drafter_with_cache_is_exact(tiny_target):
+    model, tok = tiny_target
+    torch.manual_seed(1)
+    spec = TransformerSpec(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=4, num_kv_heads=2, prefix_causal=True, max_position_embeddings=2048)
+    drafter = TransformerDrafter(BidirectionalTransformer(spec), mask_token_id=tok.mask_token_id,
+                                 pad_token_id=tok.pad_token_id, shifted=True, format="dream").eval()
+    assert drafter.prefix_cache
+    prompts = _prompt_ids(tok, 4)
+    outs = _engine(model, drafter, None).generate(prompts, SamplingParams(max_new_tokens=20))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 20, None)

@@ -26,6 +26,10 @@ class DiffusionDrafter(nn.Module, ABC):
     vocab_size: int
     max_positions: int
 
+    def new_state(self, batch: int, capacity: int):
+        """Per-generation state carried across rounds (e.g. a prefix KV cache), or None."""
+        return None
+
     @abstractmethod
     def draft(
         self,
@@ -33,36 +37,66 @@ class DiffusionDrafter(nn.Module, ABC):
         lengths: torch.Tensor,      # [B] int64 on the CPU (host metadata, no device sync), >= 1
         k: torch.Tensor,            # [B] int64 on the CPU: masks to fill per row (0 allowed)
         context: int | None = None,  # see only the last `context` prefix tokens (None: all)
+        state=None,                 # what new_state() returned for this generation
     ) -> torch.Tensor:              # [B, max(k), vocab] float logits; row b valid for i < k[b]
         """One forward pass over each row's ``[prefix, MASK × k[b]]``."""
 
 
 def build_masked_input(
     tokens: torch.Tensor,   # [B, T] int64 (device)
+    start: torch.Tensor,    # [B] int64 (CPU): first prefix token fed this pass
     lengths: torch.Tensor,  # [B] int64 (CPU)
     k: torch.Tensor,        # [B] int64 (CPU)
     mask_token_id: int,
     pad_token_id: int,
-    context: int | None,
 ):
-    """Right-padded ``[prefix tail, MASK × k]`` rows, gathered without a Python loop.
-
-    Returns ``ids [B, W]``, ``real [B, W]`` (True where a prefix or mask token sits) and
-    ``n_prefix [B]`` (prefix tokens kept per row; the first mask is at column n_prefix), all
-    on the device of ``tokens``.
-    """
-    n_prefix = lengths if context is None else lengths.clamp(max=context)
-    width = int((n_prefix + k).max())  # host metadata: no device sync
+    """Right-padded rows ``[tokens[start:length], MASK × k, pad...]``, gathered without a
+    Python loop. Returns ``ids [B, W]`` and ``n_real [B]`` (prefix tokens fed per row; the
+    first mask sits at column n_real), both on the device of ``tokens``."""
+    n_real = lengths - start
+    width = int((n_real + k).max())  # host metadata: no device sync
     dev = tokens.device
-    start, k, n_prefix = (lengths - n_prefix).to(dev), k.to(dev), n_prefix.to(dev)
+    start, k, n_real = start.to(dev), k.to(dev), n_real.to(dev)
     col = torch.arange(width, device=dev)[None, :]                             # [1, W]
     src = (start[:, None] + col).clamp(max=tokens.shape[1] - 1)                # [B, W]
     ids = tokens.gather(1, src)
-    is_mask = (col >= n_prefix[:, None]) & (col < (n_prefix + k)[:, None])
-    real = col < (n_prefix + k)[:, None]
+    is_mask = (col >= n_real[:, None]) & (col < (n_real + k)[:, None])
+    real = col < (n_real + k)[:, None]
     ids = torch.where(is_mask, torch.full_like(ids, mask_token_id), ids)
     ids = torch.where(real, ids, torch.full_like(ids, pad_token_id))
-    return ids, real, n_prefix
+    return ids, n_real
+
+
+def draft_attention_mask(offset: torch.Tensor, n_real: torch.Tensor, k: torch.Tensor, width: int, columns: int,
+                         prefix_causal: bool) -> torch.Tensor:
+    """[B, 1, width, columns] bool: may query j of row b (at column offset[b] + j) see column c?
+
+    Mask queries see every prefix column and every mask of their row; prefix queries see
+    earlier columns only (``prefix_causal``) or the same as the masks; padding queries look
+    causally (any finite keys; their outputs are never read)."""
+    dev = offset.device
+    j = torch.arange(width, device=dev)[None, :, None]                        # [1, W, 1]
+    c = torch.arange(columns, device=dev)[None, None, :]                       # [1, 1, C]
+    pos = offset[:, None, None] + j                                            # [B, W, 1]
+    row_end = (offset + n_real + k)[:, None, None]
+    is_real = j < n_real[:, None, None]
+    is_mask = (j >= n_real[:, None, None]) & (pos < row_end)
+    sees_row = c < row_end
+    causal = c <= pos
+    real_rule = causal if prefix_causal else sees_row
+    allowed = torch.where(is_mask, sees_row, torch.where(is_real, real_rule, causal))
+    return allowed[:, None]
+
+
+class DrafterState:
+    """A drafter's prefix KV cache for one generation: ``cached[b]`` tokens of row b have
+    their keys/values in ``cache`` (every prefix token but the newest few)."""
+
+    def __init__(self, batch: int, capacity: int) -> None:
+        from ..target import RaggedKVCache
+
+        self.cache = RaggedKVCache(batch, capacity)
+        self.cached = torch.zeros(batch, dtype=torch.int64)  # CPU
 
 
 class TransformerDrafter(DiffusionDrafter):
@@ -70,10 +104,15 @@ class TransformerDrafter(DiffusionDrafter):
 
     ``shifted``: Dream predicts the token at position j from the output at j-1 (as an AR
     model does), so mask position j is read at j-1; LLaDA reads it at j.
+
+    ``prefix_cache``: keep the prefix's keys/values across rounds, so a round feeds only the
+    tokens accepted since the last one plus the masks. Exact for a prefix-causal drafter;
+    for a fully bidirectional one (Dream, LLaDA) an approximation, which can change
+    acceptance but never the output.
     """
 
     def __init__(self, net: BidirectionalTransformer, *, mask_token_id: int, pad_token_id: int,
-                 shifted: bool, format: str, config: dict | None = None) -> None:
+                 shifted: bool, format: str, config: dict | None = None, prefix_cache: bool | None = None) -> None:
         super().__init__()
         self.net = net
         self.mask_token_id = int(mask_token_id)
@@ -83,12 +122,29 @@ class TransformerDrafter(DiffusionDrafter):
         self.config = dict(config or {})
         self.vocab_size = net.spec.vocab_size
         self.max_positions = net.spec.max_position_embeddings
+        self.prefix_cache = net.spec.prefix_causal if prefix_cache is None else bool(prefix_cache)
 
-    def draft(self, tokens, lengths, k, context=None):
+    def new_state(self, batch: int, capacity: int):
+        return DrafterState(batch, capacity) if self.prefix_cache else None
+
+    def draft(self, tokens, lengths, k, context=None, state=None):
         kmax = int(k.max())
-        ids, real, n_prefix = build_masked_input(tokens, lengths, k, self.mask_token_id, self.pad_token_id, context)
-        read = n_prefix[:, None] + torch.arange(kmax, device=ids.device)[None, :]  # [B, kmax]
-        if self.shifted:
-            read = read - 1
-        read = read.clamp(0, ids.shape[1] - 1)
-        return self.net(ids, key_padding=real, read_index=read)
+        if state is None:
+            start = lengths - (lengths if context is None else lengths.clamp(max=context))
+            offset_cpu = torch.zeros_like(lengths)
+        else:
+            start = offset_cpu = state.cached
+        ids, n_real = build_masked_input(tokens, start, lengths, k, self.mask_token_id, self.pad_token_id)
+        dev, width = ids.device, ids.shape[1]
+        offset = offset_cpu.to(dev)
+        columns = int((offset_cpu + width).max()) if state is not None else width
+        mask = draft_attention_mask(offset, n_real, k.to(dev), width, columns, self.net.spec.prefix_causal)
+        positions = offset[:, None] + torch.arange(width, device=dev)[None, :]
+        read = n_real[:, None] + torch.arange(kmax, device=dev)[None, :] - (1 if self.shifted else 0)
+        read = read.clamp(0, width - 1)                                          # [B, kmax]
+        if state is not None:
+            state.cache.write_pos = positions
+            state.cache.visible = columns
+            state.cached = lengths.clone()
+        return self.net(ids, position_ids=positions, read_index=read, attn_mask=mask,
+                        cache=state.cache if state is not None else None)

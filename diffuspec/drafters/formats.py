@@ -36,6 +36,7 @@ def _spec_from_dream(cfg: dict) -> TransformerSpec:
         qkv_bias=True,
         tie_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        prefix_causal=cfg.get("prefix_attention", "bidirectional") == "causal",
     )
 
 
@@ -164,6 +165,8 @@ def dream_config(spec: TransformerSpec, *, mask_token_id: int, eos_token_id: int
         "tie_word_embeddings": spec.tie_embeddings, "max_position_embeddings": spec.max_position_embeddings,
         "mask_token_id": mask_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         "bos_token_id": bos_token_id, "torch_dtype": dtype,
+        # diffuspec extension (other Dream loaders ignore it): prefix tokens attend causally.
+        "prefix_attention": "causal" if spec.prefix_causal else "bidirectional",
     }
 
 

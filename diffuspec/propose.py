@@ -1,0 +1,79 @@
+"""The proposal half of a round: draft → lattice → CPS, for a batch of prefixes.
+
+Shared by the engine and the vLLM adapter, so the algorithm exists once. The caller owns
+the per-request draft lengths (ADL) and the verification.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adl import generated_length
+from .config import DiffuSpecConfig
+from .cps import search_path
+from .drafters.base import DiffusionDrafter
+from .lattice import build_lattice
+from .proxy import CausalProxy, NGramModel
+
+
+@dataclass
+class Proposal:
+    path: torch.Tensor      # [B, kmax] int64 (device): the path to verify
+    path_len: torch.Tensor  # [B] int64 (device): valid path tokens per row (<= k[b])
+    gen_len: torch.Tensor   # [B] int64 (device): L_gen for ADL (raw argmax draft up to its EOS)
+    time_draft: float
+    time_search: float
+
+
+class PathProposer:
+    def __init__(self, drafter: DiffusionDrafter, config: DiffuSpecConfig, eos_token_id: int | None,
+                 emit_vocab: int, proxy_table: NGramModel | None = None) -> None:
+        self.drafter = drafter
+        self.config = config
+        self.eos_token_id = eos_token_id
+        self.emit_vocab = emit_vocab  # ids >= this are never drafted (the target cannot emit them)
+        self.proxy_table = proxy_table
+        self._bias: torch.Tensor | None = None
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask ids the target cannot emit, and the mask token itself; normalise."""
+        vocab = logits.shape[-1]
+        if self._bias is None or self._bias.shape[0] != vocab or self._bias.device != logits.device:
+            bias = torch.zeros(vocab, device=logits.device)
+            bias[min(self.emit_vocab, vocab):] = float("-inf")
+            bias[self.drafter.mask_token_id] = float("-inf")
+            self._bias = bias
+        return (logits.float() + self._bias).log_softmax(-1)
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        tokens: torch.Tensor,      # [B, T] int64 (device): row b's prefix is tokens[b, :lengths[b]]
+        lengths_cpu: torch.Tensor,  # [B] int64 (CPU)
+        k_cpu: torch.Tensor,       # [B] int64 (CPU), max >= 1
+        state=None,                # drafter.new_state(...) of this generation (prefix cache), or None
+    ) -> Proposal:
+        cfg, dev = self.config, tokens.device
+        t0 = time.perf_counter()
+        kmax = int(k_cpu.max())
+        room = self.drafter.max_positions - kmax
+        context = room if cfg.drafter_context is None else min(cfg.drafter_context, room)
+        logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context, state))  # [B, kmax, V]
+        t1 = time.perf_counter()
+        k = k_cpu.to(dev)
+        lattice = build_lattice(logq, k, self.eos_token_id, cfg.lattice)
+        if cfg.cps.enabled:
+            lengths = lengths_cpu.to(dev)
+            proxy = CausalProxy(NGramModel.fit(tokens, lengths, cfg.proxy.order, self.emit_vocab),
+                                self.proxy_table, cfg.proxy.corpus_weight)
+            hist = proxy.order - 1
+            tail_idx = lengths[:, None] - hist + torch.arange(hist, device=dev)[None, :]
+            tail = torch.where(tail_idx >= 0, tokens.gather(1, tail_idx.clamp(min=0)), torch.full_like(tail_idx, -1))
+            path = search_path(lattice, proxy, tail, cfg.cps)
+        else:
+            path = lattice.argmax_path()
+        gen_len = generated_length(logq.argmax(-1), k, self.eos_token_id)
+        return Proposal(path, lattice.length, gen_len, t1 - t0, time.perf_counter() - t1)

