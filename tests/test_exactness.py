@@ -138,3 +138,26 @@ def test_prefix_causal_drafter_with_cache_is_exact(tiny_target):
     outs = _engine(model, drafter, None).generate(prompts, SamplingParams(max_new_tokens=20))
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(model, p, 20, None)
+    # Rows that finish early (EOS) keep riding in the batch while ragged rows go on drafting:
+    # their padding must stay inside the caches.
+    eos = hf_greedy(model, prompts[2], 4, None)[2]
+    outs = _engine(model, drafter, eos, k_max=16, k_init=16).generate(prompts, SamplingParams(max_new_tokens=40))
+    finished_early = 0
+    for p, o in zip(prompts, outs):
+        ref = hf_greedy(model, p, 40, eos)
+        assert o.token_ids == ref
+        finished_early += len(ref) < 40
+    assert finished_early >= 1
+
+
+def test_target_runner_rows_past_capacity(tiny_target):
+    """Finished rows keep riding in the batch; their positions may pass the cache's end."""
+    from diffuspec.target import TargetRunner
+
+    model, _ = tiny_target
+    ids = torch.randint(0, 500, (2, 12))
+    runner = TargetRunner(model, 2, 12)
+    runner.forward(ids[:, :10], torch.tensor([0, 0]))
+    logits = runner.forward(ids[:, :4], torch.tensor([11, 3]))  # row 0 would write at 11..14
+    full = model(torch.cat([ids[1:, :3], ids[1:, :4]], 1)).logits[0, 3:]
+    assert torch.allclose(logits[1], full, atol=1e-4)

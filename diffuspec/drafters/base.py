@@ -137,7 +137,7 @@ class TransformerDrafter(DiffusionDrafter):
         ids, n_real = build_masked_input(tokens, start, lengths, k, self.mask_token_id, self.pad_token_id)
         dev, width = ids.device, ids.shape[1]
         offset = offset_cpu.to(dev)
-        columns = int((offset_cpu + width).max()) if state is not None else width
+        columns = min(int((offset_cpu + width).max()), state.cache.capacity) if state is not None else width
         mask = draft_attention_mask(offset, n_real, k.to(dev), width, columns, self.net.spec.prefix_causal)
         positions = offset[:, None] + torch.arange(width, device=dev)[None, :]
         read = n_real[:, None] + torch.arange(kmax, device=dev)[None, :] - (1 if self.shifted else 0)
