@@ -39,7 +39,7 @@ class OracleDrafter(DiffusionDrafter):
         self.corrupt = corrupt
 
     @torch.no_grad()
-    def draft(self, tokens, lengths, k, context=None):
+    def draft(self, tokens, lengths, k, context=None, state=None):
         b, kmax = tokens.shape[0], int(k.max())
         logits = torch.full((b, kmax, self.vocab_size), -1e4)
         for i in range(b):
@@ -60,7 +60,7 @@ class RandomDrafter(DiffusionDrafter):
         self.vocab_size, self.mask_token_id, self.max_positions = vocab_size, mask_token_id, 10_000
         self.gen = torch.Generator().manual_seed(seed)
 
-    def draft(self, tokens, lengths, k, context=None):
+    def draft(self, tokens, lengths, k, context=None, state=None):
         return torch.randn(tokens.shape[0], int(k.max()), self.vocab_size, generator=self.gen) * 5
 
 

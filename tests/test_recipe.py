@@ -17,7 +17,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
     state = run(out, PRESETS["tiny"], log_print=lambda *a: None)
     stages = state["stages"]
     assert list(stages) == ["corpus", "tokenizer", "target", "drafter", "distill_data", "distill", "ar_drafter",
-                            "proxy", "finalise"]
+                            "proxy", "evaluate", "finalise"]
+    assert stages["evaluate"]["outputs_differing_from_plain"] == 0 and stages["evaluate"]["tau"] >= 1.0
     assert stages["corpus"]["heldout_docs"] >= 1 and len(stages["corpus"]["file_list_sha256"]) == 64
     for name in ("target", "drafter", "ar_drafter"):
         card = (out / name / "README.md").read_text()

@@ -45,7 +45,7 @@ class SkewedDrafter(DiffusionDrafter):
         self.r = torch.tensor([16.0, 8, 4, 2, 1, 1, 0.5, 0.5])
         self.gen = torch.Generator().manual_seed(5)
 
-    def draft(self, tokens, lengths, k, context=None):
+    def draft(self, tokens, lengths, k, context=None, state=None):
         b, kmax = tokens.shape[0], int(k.max())
         pick = torch.multinomial(self.r, b * kmax, replacement=True, generator=self.gen).view(b, kmax)
         logits = torch.full((b, kmax, V + 1), -30.0)
