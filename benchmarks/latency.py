@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from diffuspec.hardware import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {
@@ -162,21 +163,6 @@ def resolve_method(name: str) -> Callable:
 
 
 # --------------------------------------------------------------------------- measuring
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def summarise(runs: list[Run]) -> dict:
     stats = [r.stats for r in runs if r.stats is not None]
     out: dict = {"tau": None, "acceptance_per_position": [], "draft_length_hist": {}, "time_split": None}
@@ -212,23 +198,23 @@ def bench(args) -> dict:
     for n, run in runners.items():  # warm-up, excluded
         run(prompts[:1], min(8, args.max_new_tokens))
 
-    per_method: dict[str, list[list[Run]]] = {n: [] for n in names}
+    # Methods take turns on each batch of prompts, so a slow spell of a shared machine hits
+    # every method alike instead of one method's whole run.
+    per_method: dict[str, list[list[Run]]] = {n: [[] for _ in range(args.repeats)] for n in names}
     bar = tqdm(total=len(names) * args.repeats * len(prompts), desc="benchmark", dynamic_ncols=True)
     for rep in range(args.repeats):
-        for n in names:
-            runs: list[Run] = []
-            for i in range(0, len(prompts), args.batch_size):
-                runs += runners[n](prompts[i: i + args.batch_size], args.max_new_tokens)
+        for i in range(0, len(prompts), args.batch_size):
+            for n in names:
+                per_method[n][rep] += runners[n](prompts[i: i + args.batch_size], args.max_new_tokens)
                 bar.update(min(args.batch_size, len(prompts) - i))
                 bar.set_postfix(method=n, repeat=rep)
-            per_method[n].append(runs)
     bar.close()
 
     def tps(runs: list[Run]) -> float:
         return statistics.mean(len(r.token_ids) / r.seconds for r in runs)
 
     ref = per_method["ar"]
-    result = {"version": 1, "machine": machine(), "settings": {
+    result = {"version": 1, "machine": machine_info(), "settings": {
         "dataset": args.dataset, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "temperature": args.temperature, "repeats": args.repeats,
         "target": str(ctx.target_dir), "drafter": str(ctx.drafter_dir),

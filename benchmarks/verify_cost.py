@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from diffuspec.hardware import machine_info
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
             rows.append({"n": n, "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)})
             print(f"n={n:3d}  {rows[-1]['median_ms']:7.2f} ms  ({rows[-1]['median_ms'] / rows[0]['median_ms']:.2f}x)")
-    result = {"machine": machine(), "target": args.target or "random Qwen2 8 layers, hidden 512, vocab 8192",
+    result = {"machine": machine_info(), "target": args.target or "random Qwen2 8 layers, hidden 512, vocab 8192",
               "params": params, "context": args.context, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

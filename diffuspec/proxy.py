@@ -19,6 +19,7 @@ Hash collisions are possible and harmless: the proxy can only change which path 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -200,12 +201,13 @@ class CausalProxy:
             raise ValueError("CausalProxy needs an online model, a corpus table, or both")
         self.online, self.corpus, self.corpus_weight = online, corpus, corpus_weight
         self.order = max(m.order for m in (online, corpus) if m is not None)
+        self._log_w = (math.log(corpus_weight) if corpus_weight > 0 else -1e4,
+                       math.log(1 - corpus_weight) if corpus_weight < 1 else -1e4)
 
     def logprob(self, rows, context, cand):
         if self.corpus is None:
             return self.online.logprob(rows, context, cand)
         if self.online is None:
             return self.corpus.logprob(rows, context, cand)
-        w = self.corpus_weight
-        return torch.logaddexp(self.corpus.logprob(rows, context, cand) + torch.log(torch.tensor(w)).clamp(min=-1e4),
-                               self.online.logprob(rows, context, cand) + torch.log(torch.tensor(1 - w)).clamp(min=-1e4))
+        return torch.logaddexp(self.corpus.logprob(rows, context, cand) + self._log_w[0],
+                               self.online.logprob(rows, context, cand) + self._log_w[1])

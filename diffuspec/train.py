@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, load_drafter, save_dream
+from .hardware import machine_line
 from .tiny import EOS, MASK, PAD, train_tokenizer
 
 
@@ -254,18 +255,6 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 # --------------------------------------------------------------------------- the recipe
 def run(out_dir: str | Path, recipe: Recipe, log_print=print) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -448,7 +437,7 @@ def run(out_dir: str | Path, recipe: Recipe, log_print=print) -> dict:
     if "finalise" not in state["stages"]:
         target.to(torch.bfloat16).save_pretrained(str(target_dir))
         write_model_cards(out, recipe, state, corpus)
-        done("finalise", {"machine": machine()})
+        done("finalise", {"machine": machine_line()})
     return state
 
 
@@ -483,7 +472,7 @@ def write_model_cards(out: Path, recipe: Recipe, state: dict, corpus: dict) -> N
             f"{corpus['files']} files, {corpus['bytes'] / 1e6:.1f} MB, file list sha256 "
             f"`{corpus['file_list_sha256'][:16]}…`; 1 file in 20 held out by a hash of its path.")
     common = (f"\n\n- Data: {data}\n- Tokenizer: byte-level BPE, {recipe.vocab_size} ids, eos `{EOS}`, pad `{PAD}`, "
-              f"mask `{MASK}`.\n- Trained on: {machine()} (wall times include other jobs sharing the cores).\n- Recipe: `diffuspec train --out DIR` "
+              f"mask `{MASK}`.\n- Trained on: {machine_line()} (wall times include other jobs sharing the cores).\n- Recipe: `diffuspec train --out DIR` "
               f"(seed {recipe.seed}); full settings in `recipe.json`.\n- License: weights Apache-2.0; training text "
               "Python Software Foundation License (CPython sources).\n")
     t, d, dd, a = st["target"], st["drafter"], st["distill"], st["ar_drafter"]

@@ -45,6 +45,9 @@ PROMPTS = [
 ]
 MAX_TOKENS = 40
 K = 4
+# vLLM's CPU attention supports head sizes 32, 64, 80, ... (v1/attention/backends/cpu_attn.py): 128 / 4 = 32.
+TARGET_SHAPE = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+DRAFTER_SHAPE = {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 2}
 
 
 def _run_engine(job: dict) -> dict:
@@ -99,7 +102,8 @@ from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestSt
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     """(target, drafter): see the module docstring."""
-    target, drafter = build_random_pair(tmp_path_factory.mktemp("vllm_pair"), drafter_overrides={"prefix_causal": True})
+    target, drafter = build_random_pair(tmp_path_factory.mktemp("vllm_pair"), target_overrides=TARGET_SHAPE,
+                                        drafter_overrides={**DRAFTER_SHAPE, "prefix_causal": True})
     weights = load_file(str(target / "model.safetensors"))
     weights["lm_head.weight"] = weights["lm_head.weight"] * 200.0  # sharp: the drafter's top token holds the mass
     save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
@@ -174,7 +178,8 @@ def _fake_vllm_config(target: Path, drafter: Path, k: int = K, max_model_len: in
 
 @pytest.fixture(scope="module")
 def proposer_pair(tmp_path_factory):
-    return build_random_pair(tmp_path_factory.mktemp("proposer_pair"))
+    return build_random_pair(tmp_path_factory.mktemp("proposer_pair"), target_overrides=TARGET_SHAPE,
+                             drafter_overrides=DRAFTER_SHAPE)
 
 
 def _batch(contexts: list[list[int]], width: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -78,8 +78,8 @@ def _rename_llada(name: str) -> str:
 
 def _read_config(path: Path) -> dict:
     if not path.is_dir():
-        raise ValueError(f"drafter path {str(path)!r} is not a directory; pass a folder holding config.json "
-                         "and *.safetensors (Dream or LLaDA format)")
+        raise ValueError(f"drafter path {str(path)!r} is not a directory (or does not exist); pass a local folder "
+                         "holding config.json and *.safetensors (Dream or LLaDA format)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"drafter folder {str(path)!r} has no config.json; a Dream/LLaDA checkpoint folder needs "
@@ -103,15 +103,23 @@ def detect_format(cfg: dict, where: str = "drafter") -> str:
                      "Dream ('Dream') and LLaDA ('llada')")
 
 
+def inspect_drafter_folder(path: str | Path) -> tuple[dict, str, list[Path]]:
+    """Check a drafter folder without loading weights: (config, format, weight files).
+    Clear errors for a missing folder, config or weights, and for a causal LM."""
+    path = Path(path).expanduser()
+    cfg = _read_config(path)
+    fmt = detect_format(cfg, where=f"drafter {str(path)!r}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"drafter folder {str(path)!r} has config.json but no *.safetensors weights")
+    return cfg, fmt, files
+
+
 def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu") -> TransformerDrafter:
     """Load a Dream- or LLaDA-format folder into a :class:`TransformerDrafter`."""
     path = Path(path)
-    cfg = _read_config(path)
-    fmt = detect_format(cfg)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"drafter folder {str(path)!r} has config.json but no *.safetensors weights")
+    cfg, fmt, files = inspect_drafter_folder(path)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))

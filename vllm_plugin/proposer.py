@@ -1,0 +1,354 @@
+"""DiffuSpec as a vLLM proposer: the ``custom_class`` speculative-decoding contract.
+
+vLLM (V1 model runner) builds ``DiffuSpecProposer(vllm_config)``, calls
+``load_model(target_model)`` once, then after every step::
+
+    propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None)
+        -> list[list[int]]   # one draft per batch row, each 0..num_speculative_tokens long
+
+and verifies the drafts itself (its rejection sampler treats a draft without probabilities as
+a point mass, which keeps the output exact at every temperature). This module only
+translates: the algorithm (one batched drafter pass → lattice → CPS → path, and ADL) is
+:class:`diffuspec.propose.PathProposer` and :class:`diffuspec.adl.AdaptiveDraftLength`.
+
+Terms:
+
+- *row*: one request's slot in vLLM's batch for this step. Rows are reordered and reused
+  between steps, and vLLM passes no request ids.
+- *context*: a row's prompt + generated tokens, ``token_ids_cpu[row, :num_tokens_no_spec[row]]``
+  (the tokens sampled this step already included).
+- *request state*: per request, the ADL moving averages and what was proposed last step.
+  It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
+  it again by fingerprinting its context minus the tokens it just sampled: that is exactly
+  the context of its previous proposal, whatever row the request moved to. Two requests with
+  the same context share state, which is harmless: the same context gets the same draft.
+  States not found again (finished or preempted requests) age out of a bounded LRU.
+
+Options come from ``additional_config["diffuspec"]`` (``--additional-config`` on the command
+line): ``drafter`` (the drafter folder) and any :class:`diffuspec.DiffuSpecConfig` key.
+Every check of user input runs in :func:`resolve_settings`, at start-up, in the engine's
+front end (through the plugin) and again in the worker that builds the proposer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from diffuspec.adl import AdaptiveDraftLength
+from diffuspec.config import DiffuSpecConfig
+from diffuspec.drafters import inspect_drafter_folder, load_drafter
+from diffuspec.propose import PathProposer
+from diffuspec.proxy import NGramModel
+
+# A child of vLLM's logger, so records use vLLM's handlers and format.
+logger = logging.getLogger("vllm.diffuspec_vllm")
+
+OPTIONS_KEY = "diffuspec"   # additional_config[OPTIONS_KEY] holds the drafter options
+DRAFTER_KEY = "drafter"     # ...and this key in it, the drafter folder
+PROPOSER_CLASS = "diffuspec_vllm.proposer.DiffuSpecProposer"  # the long-form speculative "model"
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ProposerSettings:
+    drafter_path: Path
+    config: DiffuSpecConfig       # ADL bounds already fitted to num_speculative_tokens
+    num_speculative_tokens: int   # vLLM's K: no draft is longer
+    eos_token_id: int | None
+    emit_vocab: int               # ids >= this are never drafted (the target cannot emit them)
+    max_model_len: int
+
+
+def resolve_settings(
+    model_config: Any,              # vLLM ModelConfig of the target (duck-typed: see below)
+    num_speculative_tokens: Any,
+    additional_config: Mapping[str, Any] | None,
+) -> ProposerSettings:
+    """Validate every user input and resolve the proposer's settings. Raises ``ValueError``
+    or ``TypeError`` naming the bad value and the fix; never loads drafter weights.
+
+    Reads ``model_config.model``, ``.tokenizer``, ``.trust_remote_code``,
+    ``.tokenizer_revision``, ``.max_model_len`` and ``.get_vocab_size()``."""
+    k = num_speculative_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_speculative_tokens={k!r}: DiffuSpec needs an int >= 1 (the longest draft vLLM "
+                         "verifies per step), e.g. --speculative-config '{\"method\": \"diffuspec\", "
+                         "\"model\": DRAFTER, \"num_speculative_tokens\": 8}'")
+    options = (additional_config or {}).get(OPTIONS_KEY, {})
+    if not isinstance(options, Mapping):
+        raise TypeError(f"additional_config[{OPTIONS_KEY!r}] must be a JSON object of diffuspec options, "
+                        f"got {type(options).__name__}: {options!r}")
+    options = dict(options)
+    drafter = options.pop(DRAFTER_KEY, None)
+    try:
+        config = DiffuSpecConfig.from_kwargs(**options)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"additional_config[{OPTIONS_KEY!r}]: {exc}; plus {DRAFTER_KEY!r}, the drafter folder") from None
+    config = _fit_draft_length(config, k, options)
+
+    target = Path(str(model_config.model))
+    if drafter is None:
+        drafter, table = _embedded_default(target)
+        if config.proxy_table is None and table is not None:
+            config = config.replace(proxy_table=str(table))
+    drafter_path = _check_drafter_folder(drafter)
+    if config.proxy_table is not None and not Path(config.proxy_table).is_file():
+        raise ValueError(f"additional_config[{OPTIONS_KEY!r}]['proxy_table']={config.proxy_table!r} is not a file; "
+                         "build a table with `diffuspec build-proxy` or drop the key")
+
+    target_vocab = int(model_config.get_vocab_size())
+    eos, tokenizer_len = _check_tokenizers(model_config, drafter_path)
+    emit_vocab = min(target_vocab, tokenizer_len) if tokenizer_len else target_vocab
+    return ProposerSettings(drafter_path=drafter_path, config=config, num_speculative_tokens=k,
+                            eos_token_id=eos, emit_vocab=emit_vocab, max_model_len=int(model_config.max_model_len))
+
+
+def settings_from_vllm_config(vllm_config: Any) -> ProposerSettings:
+    spec = vllm_config.speculative_config
+    return resolve_settings(vllm_config.model_config, spec.num_speculative_tokens, vllm_config.additional_config)
+
+
+def _fit_draft_length(config: DiffuSpecConfig, k: int, options: Mapping[str, Any]) -> DiffuSpecConfig:
+    """ADL picks each request's k in [k_min, k_max]; vLLM verifies at most K per step.
+    An unset k_max becomes K (k_min, k_init clipped to it); a k_max set above K is an error."""
+    adl = config.adl
+    explicit = "k_max" in options or "k_max" in (options.get("adl") or {})
+    if explicit and adl.k_max > k:
+        raise ValueError(f"additional_config[{OPTIONS_KEY!r}]: k_max={adl.k_max} exceeds num_speculative_tokens={k}; "
+                         f"raise num_speculative_tokens to at least {adl.k_max} or lower k_max")
+    k_max = k if not explicit else adl.k_max
+    k_min = min(adl.k_min, k_max)
+    k_init = min(max(adl.k_init, k_min), k_max)
+    return config.replace(adl={"k_max": k_max, "k_min": k_min, "k_init": k_init})
+
+
+def _embedded_default(target: Path) -> tuple[Path, Path | None]:
+    """The embedded drafter (and corpus table) when the target is the embedded target."""
+    from diffuspec import assets
+
+    pair = assets.embedded_pair()
+    if pair is not None and target.exists() and target.resolve() == pair[0].resolve():
+        return pair[1], assets.embedded_proxy_table()
+    raise ValueError("no drafter given: pass the drafter folder as the short form's \"model\" "
+                     "(--speculative-config '{\"method\": \"diffuspec\", \"model\": DRAFTER, ...}') or as "
+                     f"--additional-config '{{\"{OPTIONS_KEY}\": {{\"{DRAFTER_KEY}\": DRAFTER}}}}'")
+
+
+def _check_drafter_folder(drafter: Any) -> Path:
+    """A Dream/LLaDA folder: config.json, a diffusion model type, weights present."""
+    path = Path(str(drafter)).expanduser()
+    inspect_drafter_folder(path)  # ValueError / TypeError (a causal LM) naming the folder
+    return path.resolve()
+
+
+def _check_tokenizers(model_config: Any, drafter_path: Path) -> tuple[int | None, int | None]:
+    """Compare the target's and the drafter's token → id maps. Returns (eos id, target
+    tokenizer length); (config eos, None) when the target runs without a tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from diffuspec.api import _vocab_mismatch
+
+    name = getattr(model_config, "tokenizer", None) or model_config.model
+    eos = _config_eos(model_config)
+    try:
+        target_tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=bool(model_config.trust_remote_code),
+                                                   revision=getattr(model_config, "tokenizer_revision", None))
+    except Exception as exc:  # no tokenizer files (skip_tokenizer_init): nothing to compare against
+        logger.warning("diffuspec: could not load the target tokenizer %r (%s); skipping the drafter "
+                       "tokenizer check", name, exc)
+        return eos, None
+    drafter_tok_file = drafter_path / "tokenizer.json"
+    if drafter_tok_file.is_file():
+        # tokenizer.json alone: Dream folders name remote tokenizer code we do not run.
+        drafter_tok = PreTrainedTokenizerFast(tokenizer_file=str(drafter_tok_file))
+        diff = _vocab_mismatch(target_tok.get_vocab(), drafter_tok.get_vocab())
+        if diff:
+            raise ValueError(f"the drafter {str(drafter_path)!r} has a tokenizer that disagrees with the target "
+                             f"{str(name)!r} (token → id maps differ: {diff}). Drafter and target must share one "
+                             "tokenizer; pick a drafter trained with the target's tokenizer (e.g. Dream-v0 with "
+                             "Qwen2.5).")
+    else:
+        logger.warning("diffuspec: drafter folder %s has no tokenizer.json; cannot check that it shares the "
+                       "target's tokenizer", drafter_path)
+    if target_tok.eos_token_id is not None:
+        eos = int(target_tok.eos_token_id)
+    return eos, len(target_tok)
+
+
+def _config_eos(model_config: Any) -> int | None:
+    eos = getattr(getattr(model_config, "hf_config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+# ---------------------------------------------------------------------- request state
+@dataclass
+class RequestState:
+    gen_ema: float   # ADL's Ḡ
+    acc_ema: float   # ADL's Ā
+    k: int           # masks drafted last step (0: no draft, so no ADL update)
+    path_len: int    # tokens proposed last step
+    gen_len: int     # L_gen of last step's raw draft
+
+
+class RequestStates:
+    """Request states keyed by a fingerprint of the context they were proposed for (bounded LRU)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._states: OrderedDict[bytes, RequestState] = OrderedDict()
+
+    @staticmethod
+    def fingerprint(context: np.ndarray) -> bytes:  # [n] int32 token ids
+        return hashlib.blake2b(np.ascontiguousarray(context).tobytes(), digest_size=16).digest()
+
+    def pop(self, key: bytes) -> RequestState | None:
+        return self._states.pop(key, None)
+
+    def put(self, key: bytes, state: RequestState) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+@dataclass
+class ProposerStats:
+    """Counters since start-up (vLLM's own metrics count drafts and acceptance)."""
+    steps: int = 0
+    rows_drafted: int = 0
+    draft_tokens: int = 0
+    time_draft: float = 0.0
+    time_search: float = 0.0
+    time_total: float = 0.0
+    failures: int = 0
+    draft_lengths: list[int] = field(default_factory=list)  # histogram: index = proposed length
+
+
+# -------------------------------------------------------------------------- proposer
+class DiffuSpecProposer:
+    """vLLM ``custom_class`` proposer drafting with a diffusion LM (DiffuSpec)."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        self.settings = settings_from_vllm_config(vllm_config)  # raises at start-up on bad input
+        self.dtype = vllm_config.model_config.dtype
+        self.default_device = torch.device(str(getattr(vllm_config.device_config, "device", "cpu") or "cpu"))
+        max_seqs = int(getattr(vllm_config.scheduler_config, "max_num_seqs", 256) or 256)
+        self.states = RequestStates(capacity=4 * max_seqs + 64)
+        self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
+        self.path_proposer: PathProposer | None = None
+
+    def load_model(self, target_model: torch.nn.Module | None = None) -> None:
+        """Load the drafter on the target's device, in the target's dtype."""
+        s = self.settings
+        device = self.default_device
+        if target_model is not None:
+            param = next(iter(target_model.parameters()), None)
+            device = param.device if param is not None else device
+        drafter = load_drafter(s.drafter_path, dtype=self.dtype, device=device)
+        if not 0 <= drafter.mask_token_id < drafter.vocab_size:
+            raise ValueError(f"drafter {str(s.drafter_path)!r}: mask_token_id={drafter.mask_token_id} is outside its "
+                             f"{drafter.vocab_size} embedding rows; fix mask_token_id in its config.json")
+        table = NGramModel.load(s.config.proxy_table, device=device) if s.config.proxy_table else None
+        self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
+        logger.info("diffuspec: drafter %s loaded (%s, %s, %d positions); k in [%d, %d]", s.drafter_path, device,
+                    self.dtype, drafter.max_positions, s.config.adl.k_min, s.config.adl.k_max)
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],  # per row: tokens emitted this step (accepted drafts + 1); [] if none
+        num_tokens_no_spec: np.ndarray,      # [max_num_reqs] int32: context length per row
+        token_ids_cpu: np.ndarray,           # [max_num_reqs, max_model_len] int32: context per row
+        slot_mappings: Any = None,           # unused: the drafter keeps no KV cache in vLLM's blocks
+    ) -> list[list[int]]:
+        t0 = time.perf_counter()
+        if self.path_proposer is None:
+            self.load_model(None)
+        s, adl_cfg = self.settings, self.settings.config.adl
+        n_rows = len(sampled_token_ids)
+        drafts: list[list[int]] = [[] for _ in range(n_rows)]
+        rows = [i for i, sampled in enumerate(sampled_token_ids) if sampled]  # [] rows: prefill chunk, discarded
+        if not rows or not s.config.speculate:
+            return drafts
+        lengths = num_tokens_no_spec[rows].astype(np.int64)                    # [R]
+        emitted = np.array([len(sampled_token_ids[i]) for i in rows])           # [R]
+        prev = [self.states.pop(RequestStates.fingerprint(token_ids_cpu[i, : n - e]))
+                for i, n, e in zip(rows, lengths.tolist(), emitted.tolist())]
+        keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
+
+        # ADL on the gathered rows: the previous step's result, then this step's k.
+        adl = AdaptiveDraftLength(len(rows), adl_cfg)
+        known = torch.tensor([p is not None for p in prev])
+        adl.gen_ema = torch.where(known, torch.tensor([p.gen_ema if p else 0.0 for p in prev]), adl.gen_ema)
+        adl.acc_ema = torch.where(known, torch.tensor([p.acc_ema if p else 0.0 for p in prev]), adl.acc_ema)
+        was_drafted = torch.tensor([p is not None and p.k > 0 for p in prev])
+        gen_len = torch.tensor([p.gen_len if p else 0 for p in prev], dtype=torch.int64)
+        acc_len = torch.minimum(torch.from_numpy(emitted - 1),
+                                torch.tensor([p.path_len if p else 0 for p in prev], dtype=torch.int64))
+        adl.update(gen_len, acc_len, was_drafted)
+        room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
+        k = torch.minimum(adl.next_k(), room).clamp(max=s.num_speculative_tokens)  # [R] int64
+
+        path_len = torch.zeros(len(rows), dtype=torch.int64)
+        new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
+        if int(k.max()) > 0:
+            try:
+                out = self._draft(token_ids_cpu, rows, lengths, k)
+            except Exception:  # a drafter failure costs this step's drafts, never the server
+                self.stats.failures += 1
+                if self.stats.failures == 1:
+                    logger.exception("diffuspec: the drafter failed; this step proposes no drafts (further "
+                                     "failures are counted in DiffuSpecProposer.stats.failures, not logged)")
+                k = torch.zeros_like(k)
+            else:
+                paths, path_len, new_gen_len = out
+                for j, i in enumerate(rows):
+                    drafts[i] = paths[j][: int(path_len[j])]
+        for j, key in enumerate(keys):
+            self.states.put(key, RequestState(gen_ema=float(adl.gen_ema[j]), acc_ema=float(adl.acc_ema[j]),
+                                              k=int(k[j]), path_len=int(path_len[j]), gen_len=int(new_gen_len[j])))
+        self._count(drafts, rows, time.perf_counter() - t0)
+        return drafts
+
+    def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor):
+        """One batched drafter pass + lattice + CPS for the rows with k > 0."""
+        sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
+        sel_rows = [rows[j] for j in sel.tolist()]
+        width = int(lengths[sel.numpy()].max())
+        assert self.path_proposer is not None
+        device = next(self.path_proposer.drafter.parameters()).device
+        tokens = torch.from_numpy(token_ids_cpu[sel_rows, :width].astype(np.int64)).to(device)  # [D, T]
+        prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel])
+        host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
+        self.stats.time_draft += prop.time_draft
+        self.stats.time_search += prop.time_search
+        path_len = torch.zeros(len(rows), dtype=torch.int64)
+        gen_len = torch.zeros(len(rows), dtype=torch.int64)
+        path_len[sel], gen_len[sel] = host[:, 0], host[:, 1]
+        paths: list[list[int]] = [[] for _ in rows]
+        for j, row in zip(sel.tolist(), host[:, 2:].tolist()):
+            paths[j] = row
+        return paths, path_len, gen_len
+
+    def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
+        st = self.stats
+        st.steps += 1
+        st.time_total += elapsed
+        for i in rows:
+            n = len(drafts[i])
+            st.rows_drafted += n > 0
+            st.draft_tokens += n
+            st.draft_lengths[min(n, len(st.draft_lengths) - 1)] += 1
