@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -33,18 +34,46 @@ def _hash_step(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return h * _MULT + (tok + 1)
 
 
-def _compact(h: torch.Tensor) -> torch.Tensor:
+class _Ops:
+    """The few array operations scoring needs, for torch tensors or numpy arrays. On a CPU,
+    CPS scores a handful of candidates at a time, where numpy's per-call overhead is several
+    times smaller than torch's; on an accelerator the tensors stay where they are."""
+
+    def __init__(self, xp) -> None:
+        self.xp = xp
+        self.is_torch = xp is torch
+
+    def int32(self, x):
+        return x.to(torch.int32) if self.is_torch else x.astype(np.int32)
+
+    def clip_max(self, x, hi):
+        return x.clamp(max=hi) if self.is_torch else np.minimum(x, hi)
+
+    def zeros_like_shape(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device) if self.is_torch else np.zeros(shape, like.dtype)
+
+    def full(self, shape, value, like):
+        return torch.full(shape, value, device=like.device) if self.is_torch else np.full(shape, value, np.float32)
+
+    def as_float(self, x):
+        return x.float() if self.is_torch else x.astype(np.float32)
+
+
+_TORCH, _NUMPY = _Ops(torch), _Ops(np)
+
+
+def _compact(h, ops: _Ops = _TORCH):
     """The low 32 bits of a hash as int32: half the bytes of a key, for saved tables."""
-    return ((h & 0xFFFFFFFF) - 2**31).to(torch.int32)
+    return ops.int32((h & 0xFFFFFFFF) - 2**31)
 
 
-def _lookup(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    if keys.dtype == torch.int32:
-        query = _compact(query)
-    if keys.numel() == 0:
-        return torch.zeros(query.shape, dtype=values.dtype, device=query.device)
-    idx = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.numel() - 1).view(query.shape)
-    return torch.where(keys[idx] == query, values[idx], torch.zeros((), dtype=values.dtype, device=query.device)).float()
+def _lookup(keys, values, query, ops: _Ops = _TORCH):
+    if keys.dtype in (torch.int32, np.int32):
+        query = _compact(query, ops)
+    if keys.shape[0] == 0:
+        return ops.as_float(ops.zeros_like_shape(query.shape, values))
+    idx = ops.clip_max(ops.xp.searchsorted(keys, query.reshape(-1)), keys.shape[0] - 1).reshape(query.shape)
+    return ops.as_float(ops.xp.where(keys[idx] == query, values[idx], ops.zeros_like_shape((), values)))
 
 
 def _context_hash(seed: torch.Tensor, order: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -141,22 +170,35 @@ class NGramModel:
         context: torch.Tensor,  # [N, c] int64: preceding tokens, oldest first; -1 = none
         cand: torch.Tensor,     # [N, M] int64: candidate next tokens
     ) -> torch.Tensor:          # [N, M] float32 log p(cand | context)
+        if cand.device.type == "cpu":  # small, latency-bound work: numpy has less overhead per call
+            out = self._logprob(rows.numpy(), context.numpy(), cand.numpy(), _NUMPY, self._numpy_tables())
+            return torch.from_numpy(out)
+        return self._logprob(rows, context, cand, _TORCH, tuple(getattr(self, n) for n in self._TENSORS))
+
+    def _numpy_tables(self):
+        if getattr(self, "_np", None) is None:
+            self._np = tuple(getattr(self, n).numpy() for n in self._TENSORS)
+        return self._np
+
+    def _logprob(self, rows, context, cand, ops: _Ops, tables):
+        keys, counts, ctx_keys, ctx_counts, ctx_types = tables
+        xp = ops.xp
         n, m = cand.shape
         c = context.shape[1]
-        seed = (rows.to(torch.int64) + 1) if self.keyed_by_row else torch.zeros_like(rows, dtype=torch.int64)
+        seed = rows + 1 if self.keyed_by_row else rows * 0
         orders = range(1, min(self.order, c + 1) + 1)
-        ctx = torch.stack([_context_hash(seed, j, context[:, c - j + 1:]) for j in orders], 1)   # [N, J]
-        usable = torch.stack([(context[:, c - j + 1:] >= 0).all(1) for j in orders], 1)         # [N, J]
-        c_h = _lookup(self.ctx_keys, self.ctx_counts, ctx)
-        t_h = _lookup(self.ctx_keys, self.ctx_types, ctx)
-        c_hw = _lookup(self.keys, self.counts, _hash_step(ctx[:, :, None], cand[:, None, :]))  # [N, J, M]
+        ctx = xp.stack([_context_hash(seed, j, context[:, c - j + 1:]) for j in orders], 1)      # [N, J]
+        usable = xp.stack([(context[:, c - j + 1:] >= 0).all(1) for j in orders], 1)            # [N, J]
+        c_h = _lookup(ctx_keys, ctx_counts, ctx, ops)
+        t_h = _lookup(ctx_keys, ctx_types, ctx, ops)
+        c_hw = _lookup(keys, counts, _hash_step(ctx[:, :, None], cand[:, None, :]), ops)      # [N, J, M]
         seen = (c_h > 0) & usable
-        denom = (c_h + t_h).clamp(min=1.0)
-        p = torch.full((n, m), 1.0 / self.vocab_size, device=cand.device)
+        denom = xp.maximum(c_h + t_h, ops.full((), 1.0, c_h))
+        p = ops.full((n, m), 1.0 / self.vocab_size, cand)
         for j in range(len(orders)):
             p_j = (c_hw[:, j] + t_h[:, j, None] * p) / denom[:, j, None]
-            p = torch.where(seen[:, j, None], p_j, p)
-        return p.log()
+            p = xp.where(seen[:, j, None], p_j, p)
+        return xp.log(p)
 
     # ---------------------------------------------------------------- files
     _TENSORS = ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types")

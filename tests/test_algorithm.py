@@ -203,3 +203,21 @@ def test_warp_logits_top_k_top_p():
     want = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
     assert torch.allclose(hot, want / want.sum())
     assert math.isclose(float(warp_logits(logits, 1.0, 1, 0.5)[0]), 1.0)
+
+
+def test_proxy_numpy_and_torch_paths_agree(tmp_path):
+    """CPU scoring runs on numpy (less overhead per call); accelerators keep torch: both agree,
+    for an online model and for a compact saved table."""
+    from diffuspec.proxy import _TORCH
+
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 50, (3, 200), generator=g)
+    online = NGramModel.fit(seqs, torch.tensor([200, 120, 7]), order=3, vocab_size=50)
+    NGramModel.from_corpus(seqs.tolist(), order=3, vocab_size=50).save(tmp_path / "t.safetensors")
+    table = NGramModel.load(tmp_path / "t.safetensors")
+    rows = torch.tensor([0, 1, 2, 0])
+    ctx = torch.tensor([[3, 4], [-1, 7], [1, 1], [seqs[0, 10].item(), seqs[0, 11].item()]])
+    cand = torch.randint(0, 50, (4, 6), generator=g)
+    for model in (online, table):
+        via_torch = model._logprob(rows, ctx, cand, _TORCH, tuple(getattr(model, n) for n in model._TENSORS))
+        assert torch.allclose(model.logprob(rows, ctx, cand), via_torch, atol=1e-6)
