@@ -290,11 +290,10 @@ def run(out_dir: str | Path, recipe: Recipe, log_print=print) -> dict:
     tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     eos, pad, mask = tok.convert_tokens_to_ids([EOS, PAD, MASK])
 
-    streams = {}
-    for split, docs in corpus["docs"].items():
-        ids = tok(docs, add_special_tokens=False)["input_ids"]
-        streams[split] = torch.tensor([t for d in ids for t in d + [eos]], dtype=torch.int32)
-    train_docs_ids = tok(corpus["docs"]["train"], add_special_tokens=False)["input_ids"]
+    doc_ids = {split: tok(docs, add_special_tokens=False)["input_ids"] for split, docs in corpus["docs"].items()}
+    streams = {split: torch.tensor([t for d in ids for t in d + [eos]], dtype=torch.int32)
+               for split, ids in doc_ids.items()}
+    train_docs_ids = doc_ids["train"]
     heldout = sample_windows(streams["heldout"], recipe.heldout_windows, recipe.seq_len + 1,
                              torch.Generator().manual_seed(recipe.seed + 99))
 
