@@ -5,13 +5,18 @@ CPS runs a beam search of width B over the lattice, scoring a path π by
 
     S(π) = Σ_i [ λ · log q_i(π_i) + (1 - λ) · log p_proxy(π_i | prefix, π_<i) ]   (paper eq. 5)
 
-with the causal n-gram proxy. Batched over requests and beams; one tensor step per lattice
+with the causal n-gram proxy. Batched over requests and beams; one array step per lattice
 position. The lattice ends at its first EOS position, so all surviving hypotheses have the
 same length and an EOS hypothesis is finished by construction.
+
+Two implementations of the same search: torch for accelerators, numpy on a CPU, where a
+step works on a few dozen numbers and the cost is the number of operations (a numpy call
+costs a fraction of a torch call). They agree (tests/test_algorithm.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .config import CPSConfig
@@ -27,6 +32,11 @@ def search_path(
 ) -> torch.Tensor:              # [B, k] int64: best path (positions >= lattice.length are arbitrary)
     if not cfg.enabled:
         return lattice.argmax_path()
+    search = _search_numpy if lattice.tokens.device.type == "cpu" else _search_torch
+    return search(lattice, proxy, prefix_tail, cfg)
+
+
+def _search_torch(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tensor, cfg: CPSConfig) -> torch.Tensor:
     b, kmax, m = lattice.tokens.shape
     width = cfg.beam_width
     device = lattice.tokens.device
@@ -60,3 +70,38 @@ def search_path(
         if hist_len:
             ctx = torch.cat([ctx.gather(1, parent[..., None].expand(-1, -1, hist_len))[..., 1:], token[..., None]], dim=2)
     return paths[:, 0]  # topk returns the best beam first
+
+
+def _search_numpy(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tensor, cfg: CPSConfig) -> torch.Tensor:
+    """The beam search above on numpy arrays (CPU)."""
+    tokens, valid, length = lattice.tokens.numpy(), lattice.valid.numpy(), lattice.length.numpy()
+    b, kmax, m = tokens.shape
+    width, hist_len, lam = cfg.beam_width, proxy.order - 1, cfg.lam
+    rows = np.repeat(np.arange(b), width)
+    drafter_term = np.where(valid, lam * lattice.logq.detach().float().numpy(), -np.inf).astype(np.float32)  # [B, k, M]
+    scores = np.full((b, width), -np.inf, np.float32)
+    scores[:, 0] = 0.0
+    paths = np.zeros((b, width, kmax), np.int64)
+    tail = prefix_tail.numpy()[:, prefix_tail.shape[1] - hist_len:]
+    ctx = np.repeat(tail[:, None, :], width, axis=1)                                # [B, W, h]
+    hold = np.full((width, m), -np.inf, np.float32)  # rows past their lattice keep their beams
+    hold[:, 0] = 0.0
+    r = np.arange(b)[:, None]  # fancy indexing beats take_along_axis on arrays this small
+    for i in range(kmax):
+        cand = tokens[:, i]                                                        # [B, M]
+        proxy_lp = proxy.logprob_numpy(rows, ctx.reshape(b * width, hist_len), np.repeat(cand, width, axis=0))
+        step = drafter_term[:, i, None, :] + (1.0 - lam) * proxy_lp.reshape(b, width, m)
+        done = i >= length
+        if done.any():
+            step[done] = hold
+        total = (scores[:, :, None] + step).reshape(b, width * m)
+        # the `width` best, best first (a stable sort keeps the earlier of equal scores)
+        flat = np.argsort(-total, axis=1, kind="stable")[:, :width]
+        scores = total[r, flat]
+        parent, choice = flat // m, flat % m
+        token = cand[r, choice]                                                    # [B, W]
+        paths = paths[r, parent]
+        paths[:, :, i] = token
+        if hist_len:
+            ctx = np.concatenate([ctx[r, parent][..., 1:], token[..., None]], axis=2)
+    return torch.from_numpy(paths[:, 0].copy())

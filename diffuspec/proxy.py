@@ -34,46 +34,32 @@ def _hash_step(h: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return h * _MULT + (tok + 1)
 
 
-class _Ops:
-    """The few array operations scoring needs, for torch tensors or numpy arrays. On a CPU,
-    CPS scores a handful of candidates at a time, where numpy's per-call overhead is several
-    times smaller than torch's; on an accelerator the tensors stay where they are."""
-
-    def __init__(self, xp) -> None:
-        self.xp = xp
-        self.is_torch = xp is torch
-
-    def int32(self, x):
-        return x.to(torch.int32) if self.is_torch else x.astype(np.int32)
-
-    def clip_max(self, x, hi):
-        return x.clamp(max=hi) if self.is_torch else np.minimum(x, hi)
-
-    def zeros_like_shape(self, shape, like):
-        return torch.zeros(shape, dtype=like.dtype, device=like.device) if self.is_torch else np.zeros(shape, like.dtype)
-
-    def full(self, shape, value, like):
-        return torch.full(shape, value, device=like.device) if self.is_torch else np.full(shape, value, np.float32)
-
-    def as_float(self, x):
-        return x.float() if self.is_torch else x.astype(np.float32)
-
-
-_TORCH, _NUMPY = _Ops(torch), _Ops(np)
-
-
-def _compact(h, ops: _Ops = _TORCH):
+def _compact(h):
     """The low 32 bits of a hash as int32: half the bytes of a key, for saved tables."""
-    return ops.int32((h & 0xFFFFFFFF) - 2**31)
+    if isinstance(h, np.ndarray):
+        return ((h & 0xFFFFFFFF) - 2**31).astype(np.int32)
+    return ((h & 0xFFFFFFFF) - 2**31).to(torch.int32)
 
 
-def _lookup(keys, values, query, ops: _Ops = _TORCH):
-    if keys.dtype in (torch.int32, np.int32):
-        query = _compact(query, ops)
+def _lookup(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """values[key == query], 0 where the query is not a key (torch)."""
+    if keys.dtype == torch.int32:
+        query = _compact(query)
     if keys.shape[0] == 0:
-        return ops.as_float(ops.zeros_like_shape(query.shape, values))
-    idx = ops.clip_max(ops.xp.searchsorted(keys, query.reshape(-1)), keys.shape[0] - 1).reshape(query.shape)
-    return ops.as_float(ops.xp.where(keys[idx] == query, values[idx], ops.zeros_like_shape((), values)))
+        return torch.zeros(query.shape, device=query.device)
+    idx = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.shape[0] - 1).reshape(query.shape)
+    return torch.where(keys[idx] == query, values[idx], torch.zeros((), dtype=values.dtype, device=values.device)).float()
+
+
+def _lookup_np(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, found) of each query in sorted ``keys`` (numpy)."""
+    if keys.dtype == np.int32:
+        query = _compact(query)
+    if keys.shape[0] == 0:
+        return np.zeros(query.shape, np.int64), np.zeros(query.shape, bool)
+    idx = np.searchsorted(keys, query)
+    np.minimum(idx, keys.shape[0] - 1, out=idx)
+    return idx, keys[idx] == query
 
 
 def _context_hash(seed: torch.Tensor, order: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,34 +157,41 @@ class NGramModel:
         cand: torch.Tensor,     # [N, M] int64: candidate next tokens
     ) -> torch.Tensor:          # [N, M] float32 log p(cand | context)
         if cand.device.type == "cpu":  # small, latency-bound work: numpy has less overhead per call
-            out = self._logprob(rows.numpy(), context.numpy(), cand.numpy(), _NUMPY, self._numpy_tables())
-            return torch.from_numpy(out)
-        return self._logprob(rows, context, cand, _TORCH, tuple(getattr(self, n) for n in self._TENSORS))
+            return torch.from_numpy(self.logprob_numpy(rows.numpy(), context.numpy(), cand.numpy()))
+        return self._logprob_torch(rows, context, cand)
 
-    def _numpy_tables(self):
-        if getattr(self, "_np", None) is None:
-            self._np = tuple(getattr(self, n).numpy() for n in self._TENSORS)
-        return self._np
+    def _orders(self, c: int) -> range:
+        return range(1, min(self.order, c + 1) + 1)
 
-    def _logprob(self, rows, context, cand, ops: _Ops, tables):
-        keys, counts, ctx_keys, ctx_counts, ctx_types = tables
-        xp = ops.xp
+    def _logprob_torch(self, rows, context, cand):
         n, m = cand.shape
         c = context.shape[1]
         seed = rows + 1 if self.keyed_by_row else rows * 0
-        orders = range(1, min(self.order, c + 1) + 1)
-        ctx = xp.stack([_context_hash(seed, j, context[:, c - j + 1:]) for j in orders], 1)      # [N, J]
-        usable = xp.stack([(context[:, c - j + 1:] >= 0).all(1) for j in orders], 1)            # [N, J]
-        c_h = _lookup(ctx_keys, ctx_counts, ctx, ops)
-        t_h = _lookup(ctx_keys, ctx_types, ctx, ops)
-        c_hw = _lookup(keys, counts, _hash_step(ctx[:, :, None], cand[:, None, :]), ops)      # [N, J, M]
+        orders = self._orders(c)
+        ctx = torch.stack([_context_hash(seed, j, context[:, c - j + 1:]) for j in orders], 1)       # [N, J]
+        usable = torch.stack([(context[:, c - j + 1:] >= 0).all(1) for j in orders], 1)             # [N, J]
+        c_h = _lookup(self.ctx_keys, self.ctx_counts, ctx)
+        t_h = _lookup(self.ctx_keys, self.ctx_types, ctx)
+        c_hw = _lookup(self.keys, self.counts, _hash_step(ctx[:, :, None], cand[:, None, :]))        # [N, J, M]
+        p = torch.full((n, m), 1.0 / self.vocab_size, device=cand.device)
         seen = (c_h > 0) & usable
-        denom = xp.maximum(c_h + t_h, ops.full((), 1.0, c_h))
-        p = ops.full((n, m), 1.0 / self.vocab_size, cand)
-        for j in range(len(orders)):
-            p_j = (c_hw[:, j] + t_h[:, j, None] * p) / denom[:, j, None]
-            p = xp.where(seen[:, j, None], p_j, p)
-        return xp.log(p)
+        denom = torch.where(seen, c_h + t_h, 1.0)
+        for j in range(c_h.shape[1]):  # from order 1 up: p_j = (c(h,w) + T(h) p_{j-1}) / (c(h) + T(h))
+            p = torch.where(seen[:, j, None], (c_hw[:, j] + t_h[:, j, None] * p) / denom[:, j, None], p)
+        return p.log()
+
+    def logprob_numpy(self, rows: np.ndarray, context: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """:meth:`logprob` on numpy arrays (see :func:`_mixture_logprob_numpy`)."""
+        if getattr(self, "_mixture", None) is None:
+            self._mixture = _NumpyMixture((self,), [1.0])
+        return self._mixture(rows, context, cand)
+
+    def _numpy_tables(self):
+        """The tables as numpy arrays, counts as float32 (numpy's float16 arithmetic is slow)."""
+        if getattr(self, "_np", None) is None:
+            arrays = [getattr(self, n).numpy() for n in self._TENSORS]
+            self._np = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays)
+        return self._np
 
     # ---------------------------------------------------------------- files
     _TENSORS = ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types")
@@ -243,13 +236,69 @@ class CausalProxy:
             raise ValueError("CausalProxy needs an online model, a corpus table, or both")
         self.online, self.corpus, self.corpus_weight = online, corpus, corpus_weight
         self.order = max(m.order for m in (online, corpus) if m is not None)
+        self._mixture: _NumpyMixture | None = None
         self._log_w = (math.log(corpus_weight) if corpus_weight > 0 else -1e4,
                        math.log(1 - corpus_weight) if corpus_weight < 1 else -1e4)
 
     def logprob(self, rows, context, cand):
-        if self.corpus is None:
-            return self.online.logprob(rows, context, cand)
-        if self.online is None:
-            return self.corpus.logprob(rows, context, cand)
-        return torch.logaddexp(self.corpus.logprob(rows, context, cand) + self._log_w[0],
-                               self.online.logprob(rows, context, cand) + self._log_w[1])
+        if cand.device.type == "cpu":
+            return torch.from_numpy(self.logprob_numpy(rows.numpy(), context.numpy(), cand.numpy()))
+        if self.corpus is None or self.online is None:
+            return (self.online or self.corpus)._logprob_torch(rows, context, cand)
+        return torch.logaddexp(self.corpus._logprob_torch(rows, context, cand) + self._log_w[0],
+                               self.online._logprob_torch(rows, context, cand) + self._log_w[1])
+
+    def logprob_numpy(self, rows, context, cand):
+        if self._mixture is None:
+            both = self.online is not None and self.corpus is not None
+            self._mixture = _NumpyMixture([m for m in (self.corpus, self.online) if m is not None],
+                                          [self.corpus_weight, 1.0 - self.corpus_weight] if both else [1.0])
+        return self._mixture(rows, context, cand)
+
+
+class _NumpyMixture:
+    """log Σ_k w_k p_k(cand | context) for Witten-Bell models p_k, on numpy arrays.
+
+    CPS on a CPU calls this once per lattice position with a few dozen candidates, so the
+    cost is the number of array operations, not arithmetic: the models share every step but
+    the table searches (hashing, interpolation and mixing run once, on arrays stacked over
+    models), and what does not depend on the query is computed here, once."""
+
+    def __init__(self, models, weights) -> None:
+        self.models = tuple(models)
+        self.tables = [model._numpy_tables() for model in self.models]
+        self.weights = np.asarray(weights, np.float32)
+        self.keyed = np.array([[model.keyed_by_row] for model in self.models], np.int64)         # [K, 1]
+        self.model_order = np.array([[model.order] for model in self.models])                    # [K, 1]
+        self.max_order = int(self.model_order.max())
+        self.uniform = np.array([1.0 / model.vocab_size for model in self.models], np.float32)[:, None, None]
+
+    def __call__(self, rows: np.ndarray, context: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        c = context.shape[1]
+        n_orders = min(self.max_order, c + 1)
+        orders = np.arange(1, n_orders + 1)
+        # Context hashes, [K, N, J]: order j hashes (seed, j, its last j - 1 tokens, oldest first).
+        h = (self.keyed * (rows + 1) * _MULT)[:, :, None] + orders
+        for back in range(n_orders - 1, 0, -1):  # the token `back` places before the end
+            h[:, :, back:] = h[:, :, back:] * _MULT + (context[:, c - back] + 1)[None, :, None]
+        allowed = (orders <= self.model_order)[:, None, :]                                        # [K, 1, J]
+        if context.min() < 0:  # -1 pads the oldest end: order j needs j - 1 known tokens
+            allowed = allowed & (orders - 1 <= (context >= 0).sum(1)[:, None])[None]              # [K, N, J]
+        full = h[..., None] * _MULT + (cand[None, :, None, :] + 1)                                # [K, N, J, M]
+        c_h = np.empty(h.shape, np.float32)
+        t_h = np.empty(h.shape, np.float32)
+        c_hw = np.empty(full.shape, np.float32)
+        for k, (keys, counts, ctx_keys, ctx_counts, ctx_types) in enumerate(self.tables):
+            idx, found = _lookup_np(ctx_keys, h[k])
+            c_h[k] = np.where(found, ctx_counts[idx], np.float32(0))
+            t_h[k] = np.where(found, ctx_types[idx], np.float32(0))
+            idx, found = _lookup_np(keys, full[k])
+            c_hw[k] = np.where(found, counts[idx], np.float32(0))
+        seen = (c_h > 0) & allowed
+        inv = seen / np.maximum(c_h + t_h, np.float32(1))             # 1 / (c(h) + T(h)); 0 where unseen
+        lam = (np.float32(1) - seen) + t_h * inv                      # weight of the order below
+        add = c_hw * inv[..., None]                                   # c(h, w) / (c(h) + T(h))
+        p = self.uniform                                              # order 0
+        for j in range(n_orders):
+            p = add[:, :, j] + lam[:, :, j, None] * p
+        return np.log(self.weights @ p.reshape(len(self.models), -1)).reshape(cand.shape)

@@ -208,8 +208,6 @@ def test_warp_logits_top_k_top_p():
 def test_proxy_numpy_and_torch_paths_agree(tmp_path):
     """CPU scoring runs on numpy (less overhead per call); accelerators keep torch: both agree,
     for an online model and for a compact saved table."""
-    from diffuspec.proxy import _TORCH
-
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(0, 50, (3, 200), generator=g)
     online = NGramModel.fit(seqs, torch.tensor([200, 120, 7]), order=3, vocab_size=50)
@@ -219,5 +217,33 @@ def test_proxy_numpy_and_torch_paths_agree(tmp_path):
     ctx = torch.tensor([[3, 4], [-1, 7], [1, 1], [seqs[0, 10].item(), seqs[0, 11].item()]])
     cand = torch.randint(0, 50, (4, 6), generator=g)
     for model in (online, table):
-        via_torch = model._logprob(rows, ctx, cand, _TORCH, tuple(getattr(model, n) for n in model._TENSORS))
+        via_torch = model._logprob_torch(rows, ctx, cand)
         assert torch.allclose(model.logprob(rows, ctx, cand), via_torch, atol=1e-6)
+    mixture = CausalProxy(online, table, 0.3)
+    via_torch = torch.logaddexp(table._logprob_torch(rows, ctx, cand) + math.log(0.3),
+                                online._logprob_torch(rows, ctx, cand) + math.log(0.7))
+    assert torch.allclose(mixture.logprob(rows, ctx, cand), via_torch, atol=1e-5)
+    short = NGramModel.fit(seqs, torch.tensor([200, 120, 7]), order=2, vocab_size=50)  # models of two orders
+    via_torch = torch.logaddexp(table._logprob_torch(rows, ctx, cand) + math.log(0.5),
+                                short._logprob_torch(rows, ctx, cand) + math.log(0.5))
+    assert torch.allclose(CausalProxy(short, table, 0.5).logprob(rows, ctx, cand), via_torch, atol=1e-5)
+
+
+def test_cps_numpy_and_torch_searches_agree():
+    """The CPU (numpy) and accelerator (torch) beam searches pick the same paths."""
+    from diffuspec.cps import _search_numpy, _search_torch
+
+    g = torch.Generator().manual_seed(1)
+    vocab = 40
+    prefix = torch.randint(0, 8, (3, 60), generator=g)  # a small alphabet: the proxy has opinions
+    proxy = CausalProxy(NGramModel.fit(prefix, torch.tensor([60, 30, 2]), 3, vocab),
+                        NGramModel.from_corpus(prefix.tolist(), order=3, vocab_size=vocab), 0.5)
+    tail = torch.where(torch.arange(2)[None, :] < torch.tensor([[0], [0], [1]]), -1, prefix[:, 28:30])
+    for trial in range(5):
+        logq = (torch.randn(3, 7, vocab, generator=g) * 2).log_softmax(-1)
+        lat = build_lattice(logq, torch.tensor([7, 4, 1]), EOS, LatticeConfig(max_candidates=6))
+        for cfg in (CPSConfig(), CPSConfig(beam_width=1), CPSConfig(beam_width=5, lam=0.3)):
+            a, b = _search_numpy(lat, proxy, tail, cfg), _search_torch(lat, proxy, tail, cfg)
+            for row in range(3):
+                n = int(lat.length[row])
+                assert a[row, :n].tolist() == b[row, :n].tolist(), (trial, cfg, row)
