@@ -158,7 +158,7 @@ class SpeculativeEngine:
         runner = TargetRunner(self.target, b, cap)
         longest = int(lengths_cpu.max())
         if longest > 1:  # prefill all but each row's last token
-            runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64))
+            runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), logits=False)
         adl = AdaptiveDraftLength(b, cfg.adl)  # on the CPU: its state is host metadata
         drafter_state = self.drafter.new_state(b, cap) if self.speculating else None
         stopper = StopChecker(params.stop, decode) if params.stop else None

@@ -68,7 +68,8 @@ class TargetRunner:
         self,
         input_ids: torch.Tensor,  # [B, n] int64 (device)
         start: torch.Tensor,      # [B] int64 (CPU): cache length of each row before this pass
-    ) -> torch.Tensor:            # [B, n, V] logits
+        logits: bool = True,      # False (prefill): fill the cache only; the head runs on one position
+    ) -> torch.Tensor:            # [B, n, V] logits ([B, 1, V] when ``logits`` is False)
         b, n = input_ids.shape
         visible = min(int(start.max()) + n, self.cache.capacity)  # host metadata: no device sync
         pos = (start[:, None] + torch.arange(n)[None, :]).to(input_ids.device)  # [B, n]
@@ -79,5 +80,5 @@ class TargetRunner:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=input_ids.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # [B, 1, n, visible]
         out = self.model(input_ids=input_ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                         attention_mask=mask)
+                         attention_mask=mask, logits_to_keep=0 if logits else 1)
         return out.logits
