@@ -79,18 +79,19 @@ def set_cpu_kv_cache_space(args: list[str], log=print) -> None:
 
 
 def with_default_model(args: list[str], log=print) -> list[str]:
-    """Add ``--model <embedded target>`` unless ``--model`` is given. vLLM lets a positional
-    model (anywhere on the line) override ``--model``, so a named model always wins."""
-    if any(a.split("=", 1)[0] == "--model" for a in args) or any(a in ("-h", "--help") for a in args):
+    """Put the embedded target first when the line starts with a flag and has no ``--model``.
+    (Appending ``--model`` is not an option: vLLM 0.32 then rejects a positional model.)"""
+    if (args and not args[0].startswith("-")) or any(a.split("=", 1)[0] == "--model" for a in args):
+        return args
+    if any(a in ("-h", "--help") for a in args):
         return args
     from diffuspec import assets
 
     pair = assets.embedded_pair()
     if pair is None:
         return args  # vLLM's own default applies; nothing of ours to offer
-    if not args or args[0].startswith("-"):
-        log(f"[diffuspec] no model named first: the default is the embedded target {pair[0]}")
-    return [*args, "--model", str(pair[0])]
+    log(f"[diffuspec] no model named: serving the embedded target {pair[0]}")
+    return [str(pair[0]), *args]
 
 
 def main(argv: list[str] | None = None) -> int:
