@@ -206,9 +206,7 @@ def summarise(runs: list[Run]) -> dict:
     if not stats:
         return out
     if isinstance(stats[0], SpecCounts):  # a vLLM method: its own counters
-        total = SpecCounts()
-        for s in stats:
-            total += s
+        total = sum(stats, SpecCounts())
         out.update(tau=total.tau, acceptance_per_position=total.acceptance_per_position(),
                    vllm_spec_counts=total.__dict__)
         return out

@@ -42,14 +42,18 @@ class SpecCounts:
     accepted: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
-    def __iadd__(self, other: "SpecCounts") -> "SpecCounts":
-        self.drafts += other.drafts
-        self.draft_tokens += other.draft_tokens
-        self.accepted += other.accepted
+    def _combine(self, other: "SpecCounts", sign: int) -> "SpecCounts":
         width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         pad = lambda v: list(v) + [0] * (width - len(v))  # noqa: E731
-        self.accepted_per_pos = [a + b for a, b in zip(pad(self.accepted_per_pos), pad(other.accepted_per_pos))]
-        return self
+        return SpecCounts(self.drafts + sign * other.drafts, self.draft_tokens + sign * other.draft_tokens,
+                          self.accepted + sign * other.accepted,
+                          [a + sign * b for a, b in zip(pad(self.accepted_per_pos), pad(other.accepted_per_pos))])
+
+    def __add__(self, other: "SpecCounts") -> "SpecCounts":
+        return self._combine(other, 1)
+
+    def __sub__(self, other: "SpecCounts") -> "SpecCounts":
+        return self._combine(other, -1)
 
     @property
     def tau(self) -> float | None:
@@ -172,12 +176,7 @@ def _serve(job: dict) -> None:
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False)
         seconds = time.perf_counter() - t
-        after = _counters(llm)
-        width = len(after.accepted_per_pos)
-        pos_before = before.accepted_per_pos + [0] * (width - len(before.accepted_per_pos))
-        spec = SpecCounts(after.drafts - before.drafts, after.draft_tokens - before.draft_tokens,
-                          after.accepted - before.accepted,
-                          [a - b for a, b in zip(after.accepted_per_pos, pos_before)])
+        spec = _counters(llm) - before
         answer.write(json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": seconds,
                                  "spec": spec.__dict__}) + "\n")
         answer.flush()

@@ -86,6 +86,8 @@ class NGramModel:
         self.ctx_keys, self.ctx_counts, self.ctx_types = ctx_keys, ctx_counts, ctx_types  # [C] ...
         self.keyed_by_row = keyed_by_row
         self.info: dict = {}
+        self._np: tuple | None = None                     # numpy views of the tables (CPU scoring)
+        self._mixture: _NumpyMixture | None = None
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -181,14 +183,14 @@ class NGramModel:
         return p.log()
 
     def logprob_numpy(self, rows: np.ndarray, context: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """:meth:`logprob` on numpy arrays (see :func:`_mixture_logprob_numpy`)."""
-        if getattr(self, "_mixture", None) is None:
+        """:meth:`logprob` on numpy arrays (see :class:`_NumpyMixture`)."""
+        if self._mixture is None:
             self._mixture = _NumpyMixture((self,), [1.0])
         return self._mixture(rows, context, cand)
 
     def _numpy_tables(self):
         """The tables as numpy arrays, counts as float32 (numpy's float16 arithmetic is slow)."""
-        if getattr(self, "_np", None) is None:
+        if self._np is None:
             arrays = [getattr(self, n).numpy() for n in self._TENSORS]
             self._np = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays)
         return self._np
