@@ -77,12 +77,12 @@ class ADLConfig:
     # Growth step δ when the accepted EMA keeps up with the generated EMA (paper: 10).
     # The paper's step suits its 20..30 bounds; ours are narrower, so a smaller step.
     delta: int = 4
-    # Draft-length bounds. Paper: 20..30 on an A100. Measured here (2-core x86 CPU, random
-    # 27M-param Qwen2 of the embedded target's shape, 256 cached tokens,
-    # benchmarks/results/verify_cost_cpu.json): verifying 1 token 21 ms, 2..20 tokens
-    # 31..38 ms, 24..29 tokens 44..57 ms. The step from 1 to 2 tokens is the big one; the
-    # curve is flat to ~20, then climbs. Hence 4..16: long enough to use the flat part, short
-    # enough that a rejected tail costs little.
+    # Draft-length bounds. Paper: 20..30 on an A100. Measured here (2-core x86 CPU, the
+    # embedded 25M-param target in float32, 200 cached tokens, python
+    # benchmarks/verify_cost.py, benchmarks/results/verify_cost_cpu.json): verifying 1 token
+    # 15 ms, 3..5 tokens ~25 ms, 10..17 tokens 28..33 ms, 24 tokens 35 ms. The steps from 1
+    # to ~4 tokens are the big ones, then the curve climbs slowly. Hence 4..16: long drafts
+    # pay (on HumanEval and MT-Bench alike, k_max=16 beat 8 and 6), a rejected tail is cheap.
     k_min: int = 4
     k_max: int = 16
     # k of a request's first round.
