@@ -40,6 +40,8 @@ SCHEMA = {
         "speedup_median": "median over repeats; spread in speedup_min / speedup_max",
         "tau": "tokens per round incl. bonus (null where the method does not report rounds)",
         "eta": "speedup / tau",
+        "eta_verify_bound": "eta / time_split.verify: the eta this run would have if drafting, search and the "
+                            "rest cost nothing; verification alone caps eta here (null without a time split)",
         "acceptance_per_position": "list: P(position i accepted | drafted); vLLM methods: accepted at i / drafts "
                                    "(vLLM does not count drafted-at-i)",
         "vllm_spec_counts": "vLLM methods: {drafts, draft_tokens, accepted, accepted_per_pos} from vLLM's counters",
@@ -288,6 +290,9 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
             "repeats": reps, "tokens_per_s_median": statistics.median(x["tokens_per_s_mean"] for x in reps),
             "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
             **summary, "eta": med / summary["tau"] if summary["tau"] else None}
+        split = summary["time_split"]
+        result["methods"][n]["eta_verify_bound"] = (result["methods"][n]["eta"] / split["verify"]
+                                                    if split and split["verify"] and summary["tau"] else None)
     if args.throughput_batch_sizes:
         result["throughput"] = {}
         for n in ("ar", "diffuspec"):
@@ -308,13 +313,15 @@ def render_markdown(res: dict) -> str:
              f"batch {s['batch_size']}, T={s['temperature']}",
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
              f"{', GPU ' + m['gpu'] if m['gpu'] else ''}.", "",
-             "| method | tokens/s | speedup vs ar (min..max) | τ | η | exact |", "|---|---|---|---|---|---|"]
+             "| method | tokens/s | speedup vs ar (min..max) | τ | η | η bound (verify only) | exact |",
+             "|---|---|---|---|---|---|---|"]
     for n, r in res["methods"].items():
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
         eta = f"{r['eta']:.2f}" if r["eta"] else "-"
+        bound = f"{r['eta_verify_bound']:.2f}" if r.get("eta_verify_bound") else "-"
         exact = {True: "yes", False: f"**NO** ({len(r['mismatches'])} differ)", None: "n/a (sampling)"}[r["exact"]]
         lines.append(f"| {n} | {r['tokens_per_s_median']:.1f} | {r['speedup_median']:.2f}× "
-                     f"({r['speedup_min']:.2f}..{r['speedup_max']:.2f}) | {tau} | {eta} | {exact} |")
+                     f"({r['speedup_min']:.2f}..{r['speedup_max']:.2f}) | {tau} | {eta} | {bound} | {exact} |")
     if res.get("throughput"):
         lines += ["", "| throughput (tokens/s) | " + " | ".join(f"batch {b}" for b in
                                                               next(iter(res["throughput"].values()))) + " |",

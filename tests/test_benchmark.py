@@ -27,6 +27,7 @@ def test_latency_benchmark_smoke(tiny_pair, tmp_path):
     assert ar["speedup_median"] == 1.0 and ar["tau"] == 1.0
     assert ds["tau"] >= 1.0 and ds["eta"] == ds["speedup_median"] / ds["tau"]
     assert abs(sum(ds["time_split"].values()) - 1.0) < 1e-6
+    assert ds["eta_verify_bound"] == ds["eta"] / ds["time_split"]["verify"] >= ds["eta"]
     assert sum(ds["draft_length_hist"].values()) > 0
     for png in ("speedup.png", "acceptance.png", "time_split.png"):
         assert (out / png).stat().st_size > 1000
