@@ -73,7 +73,11 @@ def _search_torch(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tenso
 
 
 def _search_numpy(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tensor, cfg: CPSConfig) -> torch.Tensor:
-    """The beam search above on numpy arrays (CPU)."""
+    """The beam search above on numpy arrays (CPU).
+
+    A beam's proxy context is made of lattice cells, so for a short context the proxy is
+    scored once for every context the lattice allows (one call) and each step looks its
+    scores up by the beams' cells; otherwise each step scores the beams' contexts."""
     tokens, valid, length = lattice.tokens.numpy(), lattice.valid.numpy(), lattice.length.numpy()
     b, kmax, m = tokens.shape
     width, hist_len, lam = cfg.beam_width, proxy.order - 1, cfg.lam
@@ -83,14 +87,21 @@ def _search_numpy(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tenso
     scores[:, 0] = 0.0
     paths = np.zeros((b, width, kmax), np.int64)
     tail = prefix_tail.numpy()[:, prefix_tail.shape[1] - hist_len:]
-    ctx = np.repeat(tail[:, None, :], width, axis=1)                                # [B, W, h]
+    ctx = np.repeat(tail[:, None, :], width, axis=1)                                # [B, W, h] tokens
+    cells = np.zeros((b, width, hist_len), np.int64)  # [B, W, h] their lattice columns (prefix tokens: 0)
+    table = _proxy_table(tokens, valid, tail, proxy, max_queries=b * width * kmax * m)
     hold = np.full((width, m), -np.inf, np.float32)  # rows past their lattice keep their beams
     hold[:, 0] = 0.0
     r = np.arange(b)[:, None]  # fancy indexing beats take_along_axis on arrays this small
     for i in range(kmax):
         cand = tokens[:, i]                                                        # [B, M]
-        proxy_lp = proxy.logprob_numpy(rows, ctx.reshape(b * width, hist_len), np.repeat(cand, width, axis=0))
-        step = drafter_term[:, i, None, :] + (1.0 - lam) * proxy_lp.reshape(b, width, m)
+        if table is not None:
+            ctx_id, table_lp = table
+            proxy_lp = table_lp[ctx_id[(r, i) + tuple(cells[..., t] for t in range(hist_len))]]
+        else:
+            proxy_lp = proxy.logprob_numpy(rows, ctx.reshape(b * width, hist_len), np.repeat(cand, width, axis=0))
+        step = drafter_term[:, i, None, :] + (1.0 - lam) * proxy_lp.reshape(b, -1, m)
+        step = np.broadcast_to(step, (b, width, m)).copy()
         done = i >= length
         if done.any():
             step[done] = hold
@@ -104,4 +115,39 @@ def _search_numpy(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tenso
         paths[:, :, i] = token
         if hist_len:
             ctx = np.concatenate([ctx[r, parent][..., 1:], token[..., None]], axis=2)
+            cells = np.concatenate([cells[r, parent][..., 1:], choice[..., None]], axis=2)
     return torch.from_numpy(paths[:, 0].copy())
+
+
+def _proxy_table(tokens: np.ndarray, valid: np.ndarray, tail: np.ndarray, proxy: CausalProxy, max_queries: int):
+    """Proxy log-probabilities of every lattice candidate under every context the lattice
+    allows: ``(ctx_id, lp)`` with ``lp[ctx_id[b, i, c_1, ..., c_h]]`` the [M] scores at
+    position i after the cells (columns) c_1..c_h of the h positions before it (a prefix
+    position has the one column 0). None when the context is longer than two tokens or the
+    lattice allows more than ``max_queries`` (context, candidate) pairs (the stepwise search
+    is cheaper then)."""
+    b, kmax, m = tokens.shape
+    h = tail.shape[1]
+    if h > 2:
+        return None
+    # The lattice behind h prefix positions, each a single cell holding its token.
+    tok = np.concatenate([np.broadcast_to(tail[:, :, None], (b, h, m)), tokens], axis=1)       # [B, h+k, M]
+    ok = np.concatenate([np.broadcast_to(np.arange(m) == 0, (b, h, m)), valid], axis=1)
+    allowed = np.ones((b, kmax) + (m,) * h, bool)                                                # [B, k, M^h]
+    for t in range(h):
+        shape = [b, kmax] + [1] * h
+        shape[2 + t] = m
+        allowed &= ok[:, t: t + kmax].reshape(shape)
+    where = np.nonzero(allowed)
+    row, pos = where[0], where[1]
+    # One query per (context, valid candidate): most positions keep one or two candidates.
+    q_ctx, q_col = np.nonzero(ok[row, pos + h])
+    if len(q_ctx) > max_queries:
+        return None
+    q_row, q_pos = row[q_ctx], pos[q_ctx]
+    context = np.stack([tok[q_row, q_pos + t, where[2 + t][q_ctx]] for t in range(h)], axis=1).reshape(-1, h)
+    lp = np.zeros((len(row), m), np.float32)  # invalid candidates: their drafter term is -inf already
+    lp[q_ctx, q_col] = proxy.logprob_numpy(q_row, context, tok[q_row, q_pos + h, q_col][:, None])[:, 0]
+    ctx_id = np.zeros(allowed.shape, np.int64)  # contexts the lattice forbids: only dead beams read them
+    ctx_id[where] = np.arange(len(row))
+    return ctx_id, lp

@@ -229,9 +229,15 @@ def test_proxy_numpy_and_torch_paths_agree(tmp_path):
     assert torch.allclose(CausalProxy(short, table, 0.5).logprob(rows, ctx, cand), via_torch, atol=1e-5)
 
 
-def test_cps_numpy_and_torch_searches_agree():
-    """The CPU (numpy) and accelerator (torch) beam searches pick the same paths."""
+@pytest.mark.parametrize("tabulated", [True, False])
+def test_cps_numpy_and_torch_searches_agree(tabulated, monkeypatch):
+    """The CPU (numpy) and accelerator (torch) beam searches pick the same paths, with the
+    proxy tabulated over the lattice's contexts and scored step by step."""
+    from diffuspec import cps
     from diffuspec.cps import _search_numpy, _search_torch
+
+    if not tabulated:
+        monkeypatch.setattr(cps, "_proxy_table", lambda *args, **kwargs: None)
 
     g = torch.Generator().manual_seed(1)
     vocab = 40
@@ -240,7 +246,7 @@ def test_cps_numpy_and_torch_searches_agree():
                         NGramModel.from_corpus(prefix.tolist(), order=3, vocab_size=vocab), 0.5)
     tail = torch.where(torch.arange(2)[None, :] < torch.tensor([[0], [0], [1]]), -1, prefix[:, 28:30])
     for trial in range(5):
-        logq = (torch.randn(3, 7, vocab, generator=g) * 2).log_softmax(-1)
+        logq = (torch.randn(3, 7, vocab, generator=g) * (2 if trial % 2 else 6)).log_softmax(-1)  # wide, narrow lattices
         lat = build_lattice(logq, torch.tensor([7, 4, 1]), EOS, LatticeConfig(max_candidates=6))
         for cfg in (CPSConfig(), CPSConfig(beam_width=1), CPSConfig(beam_width=5, lam=0.3)):
             a, b = _search_numpy(lat, proxy, tail, cfg), _search_torch(lat, proxy, tail, cfg)
