@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import DiffuSpecConfig, SamplingParams
-from .drafters import DiffusionDrafter, load_drafter
+from .drafters import DiffusionDrafter, load_drafter, quantize_int8, set_prefix_cache
 from .engine import GenerationStats, SpeculativeEngine
 from .proxy import NGramModel
 
@@ -102,11 +102,10 @@ class DiffuSpec:
             if not 0 <= mask_id < drafter_model.vocab_size:
                 raise ValueError(f"mask_token_id={mask_id} is outside the drafter's {drafter_model.vocab_size} "
                                  "embedding rows; fix mask_token_id in the drafter's config.json")
-        if drafter_model is not None and config.drafter_cache is not None:
-            if not hasattr(drafter_model, "prefix_cache"):
-                raise ValueError(f"drafter_cache={config.drafter_cache} but {type(drafter_model).__name__} has no "
-                                 "prefix cache; leave drafter_cache unset")
-            drafter_model.prefix_cache = config.drafter_cache
+        self.drafter_int8 = False  # whether the drafter's linear layers run in int8
+        if drafter_model is not None:
+            set_prefix_cache(drafter_model, config.drafter_cache)
+            self.drafter_int8 = quantize_int8(drafter_model.eval(), config.drafter_int8)
         self.target = target_model.eval()
         self.drafter = drafter_model.eval() if drafter_model is not None else None
         self.tokenizer = tokenizer

@@ -113,6 +113,11 @@ class DiffuSpecConfig:
     drafter_cache: bool | None = None
     # Path of a corpus n-gram table (``diffuspec build-proxy``), mixed with the online model.
     proxy_table: str | None = None
+    # Run the drafter's linear layers in int8 (dynamic quantization, weights int8 and
+    # activations quantized per pass). None: on for a float32 drafter on a CPU, where it
+    # halves the drafter pass; True forces it (CPU, float32 only); False keeps float32. Like
+    # every drafting approximation it changes acceptance, never the output. Applied in place.
+    drafter_int8: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.drafter_context is None or self.drafter_context >= 1,

@@ -32,6 +32,23 @@ def test_wrapping_loaded_objects(tiny_pair):
     assert max(r.stats.draft_lengths) <= 6
 
 
+def test_int8_drafter_on_cpu(tiny_pair):
+    """On a CPU the drafter's linear layers run in int8 unless told not to; the output stays
+    the target's own, and forcing int8 where it cannot run names the reason."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    auto = DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1])
+    assert auto.drafter_int8 and isinstance(auto.drafter.net.lm_head, Int8Linear)
+    [spec], [plain] = auto.generate("def add(a, b):", max_new_tokens=24), \
+        auto.generate("def add(a, b):", max_new_tokens=24, speculate=False)
+    assert spec.token_ids == plain.token_ids and sum(spec.stats.drafted) > 0
+    off = DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1], drafter_int8=False)
+    assert not off.drafter_int8 and isinstance(off.drafter.net.lm_head, torch.nn.Linear)
+    with pytest.raises(ValueError, match="drafter_int8=True.*bfloat16.*float32"):
+        DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1], dtype=torch.bfloat16, drafter_int8=True)
+    assert not DiffuSpec.from_pretrained(tiny_pair[0], tiny_pair[1], dtype=torch.bfloat16).drafter_int8
+
+
 def test_prompt_forms(ds):
     ids = ds.tokenizer("x = 1")["input_ids"]
     by_text = ds.generate("x = 1", max_new_tokens=5)[0].token_ids

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffuspec.drafters import (BidirectionalTransformer, TransformerDrafter, TransformerSpec, build_masked_input,
+from diffuspec.drafters import (BidirectionalTransformer, DrafterState, TransformerDrafter, TransformerSpec, build_masked_input,
                                 draft_attention_mask, load_drafter)
 
 H, F, LAYERS, HEADS, KV, V = 32, 48, 2, 4, 2, 50
@@ -176,10 +176,16 @@ def test_prefix_cache_is_exact_for_prefix_causal_drafters(tmp_path):
         tokens = torch.randint(0, 40, (2, 30))
         state = drafter.new_state(2, 40)
         lengths = torch.tensor([5, 9])
-        for grow, k in [((0, 0), (4, 2)), ((3, 1), (3, 5)), ((1, 4), (2, 2))]:
+        for step, (grow, k) in enumerate([((0, 0), (4, 2)), ((3, 1), (3, 5)), ((1, 4), (2, 2))]):
             lengths = lengths + torch.tensor(grow)
             kk = torch.tensor(k)
+            if step == 2:  # rows taken out and put back in the other order (vLLM's batches change)
+                swapped = DrafterState.from_rows([state.row(1), state.row(0)], capacity=40)
+                flip = drafter.draft(tokens.flip(0), lengths.flip(0), kk.flip(0), state=swapped).flip(0)
             cached = drafter.draft(tokens, lengths, kk, state=state)
+            if step == 2:
+                for b in range(2):
+                    assert torch.allclose(flip[b, : k[b]], cached[b, : k[b]], atol=1e-5)
             full = drafter.draft(tokens, lengths, kk, state=None)
             for b in range(2):
                 assert torch.allclose(cached[b, : k[b]], full[b, : k[b]], atol=1e-5)

@@ -96,7 +96,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from diffuspec.adl import AdaptiveDraftLength  # noqa: E402
 from diffuspec.tiny import build_random_pair  # noqa: E402
 from diffuspec_vllm.plugin import translate  # noqa: E402
-from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestStates  # noqa: E402
+from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestState, RequestStates  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +344,51 @@ def test_state_follows_the_request_when_rows_move(proposer_pair):
         state = proposer.states._states[RequestStates.fingerprint(np.array(context, dtype=np.int32))]
         assert (state.gen_ema, state.acc_ema) == pytest.approx((gen_ema, acc_ema))
     assert len(proposer.states) == 2  # the previous step's states were consumed
+
+
+def test_drafter_prefix_cache_follows_the_request(pair):
+    """With a prefix-causal drafter, each request's drafter keys/values ride in its state:
+    after the first step a row feeds only its new tokens (whatever row it moved to), and
+    proposes what a pass over its whole context proposes."""
+    options = dict(k=6, k_min=1, k_init=4)
+    cached = DiffuSpecProposer(_fake_vllm_config(*pair, **options))
+    full = DiffuSpecProposer(_fake_vllm_config(*pair, **options, drafter_cache=False))
+    cached.load_model(None)
+    full.load_model(None)
+    assert cached.path_proposer.drafter.prefix_cache and not full.path_proposer.drafter.prefix_cache
+    contexts, sampled = [[5, 6, 7, 8, 9, 10], [20, 21, 22]], [[10], [22]]
+    expected = 0
+    for step in range(4):
+        lengths, tokens = _batch(contexts)
+        drafts = cached.propose(sampled, lengths, tokens)
+        assert drafts == full.propose(sampled, lengths, tokens)
+        assert cached.stats.cached_tokens == expected
+        expected += sum(map(len, contexts))  # next step, every row's current context is cached
+        # Row 0 accepts its first draft token (if any), row 1 nothing; the rows swap.
+        new0, new1 = drafts[0][:1] + [30 + step], [40 + step]
+        contexts, sampled = [contexts[1] + new1, contexts[0] + new0], [new1, new0]
+    assert full.stats.cached_tokens == 0
+    assert cached.states.held_bytes == sum(s.drafter_kv.nbytes for s in cached.states._states.values()
+                                           if s.drafter_kv is not None) > 0
+
+
+def test_drafter_caches_stay_under_their_budget():
+    from diffuspec.drafters import RowCache
+
+    def state(tokens: int) -> RequestState:
+        kv = RowCache([torch.zeros(2, tokens, 4)], [torch.zeros(2, tokens, 4)])  # 64 bytes a token
+        return RequestState(gen_ema=4.0, acc_ema=4.0, k=4, path_len=4, gen_len=4, drafter_kv=kv)
+
+    states = RequestStates(capacity=3, cache_bytes=64 * 25)
+    states.put(b"a", state(10))
+    states.put(b"b", state(10))
+    assert states.held_bytes == 64 * 20
+    states.put(b"c", state(10))  # over budget: the oldest state loses its cache, keeps its ADL state
+    assert states._states[b"a"].drafter_kv is None and states._states[b"b"].drafter_kv is not None
+    assert states.held_bytes == 64 * 20
+    states.put(b"d", state(1))   # over capacity: "a" goes
+    assert b"a" not in states._states and len(states) == 3
+    assert states.pop(b"b").drafter_kv.length == 10 and states.held_bytes == 64 * 11
 
 
 def test_rows_without_tokens_and_full_rows_get_no_draft(proposer_pair):

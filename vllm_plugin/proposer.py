@@ -17,12 +17,14 @@ Terms:
   between steps, and vLLM passes no request ids.
 - *context*: a row's prompt + generated tokens, ``token_ids_cpu[row, :num_tokens_no_spec[row]]``
   (the tokens sampled this step already included).
-- *request state*: per request, the ADL moving averages and what was proposed last step.
-  It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
+- *request state*: per request, the ADL moving averages, what was proposed last step and,
+  for a drafter with a prefix cache, the drafter's keys/values of the context. It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
   it again by fingerprinting its context minus the tokens it just sampled: that is exactly
   the context of its previous proposal, whatever row the request moved to. Two requests with
   the same context share state, which is harmless: the same context gets the same draft.
-  States not found again (finished or preempted requests) age out of a bounded LRU.
+  States not found again (finished or preempted requests) age out of a bounded LRU, and
+  the drafter caches they hold stay under ``DRAFTER_CACHE_BYTES`` (the least recently used
+  lose theirs first; such a request's next draft runs over its whole context).
 
 Options come from ``additional_config["diffuspec"]`` (``--additional-config`` on the command
 line): ``drafter`` (the drafter folder) and any :class:`diffuspec.DiffuSpecConfig` key.
@@ -45,7 +47,8 @@ import torch
 
 from diffuspec.adl import AdaptiveDraftLength
 from diffuspec.config import DiffuSpecConfig
-from diffuspec.drafters import inspect_drafter_folder, load_drafter
+from diffuspec.drafters import (DrafterState, RowCache, inspect_drafter_folder, load_drafter, quantize_int8,
+                               set_prefix_cache)
 from diffuspec.propose import PathProposer
 from diffuspec.proxy import NGramModel
 
@@ -55,6 +58,7 @@ logger = logging.getLogger("vllm.diffuspec_vllm")
 OPTIONS_KEY = "diffuspec"   # additional_config[OPTIONS_KEY] holds the drafter options
 DRAFTER_KEY = "drafter"     # ...and this key in it, the drafter folder
 PROPOSER_CLASS = "diffuspec_vllm.proposer.DiffuSpecProposer"  # the long-form speculative "model"
+DRAFTER_CACHE_BYTES = 1 << 30  # all requests' drafter prefix caches together
 
 
 # --------------------------------------------------------------------------- settings
@@ -199,13 +203,17 @@ class RequestState:
     k: int           # masks drafted last step (0: no draft, so no ADL update)
     path_len: int    # tokens proposed last step
     gen_len: int     # L_gen of last step's raw draft
+    drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
 
 
 class RequestStates:
-    """Request states keyed by a fingerprint of the context they were proposed for (bounded LRU)."""
+    """Request states keyed by a fingerprint of the context they were proposed for (bounded
+    LRU; their drafter caches bounded by ``cache_bytes``)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, cache_bytes: int = DRAFTER_CACHE_BYTES) -> None:
         self.capacity = capacity
+        self.cache_bytes = cache_bytes
+        self.held_bytes = 0  # drafter caches held by the states
         self._states: OrderedDict[bytes, RequestState] = OrderedDict()
 
     @staticmethod
@@ -213,13 +221,24 @@ class RequestStates:
         return hashlib.blake2b(np.ascontiguousarray(context).tobytes(), digest_size=16).digest()
 
     def pop(self, key: bytes) -> RequestState | None:
-        return self._states.pop(key, None)
+        state = self._states.pop(key, None)
+        if state is not None and state.drafter_kv is not None:
+            self.held_bytes -= state.drafter_kv.nbytes
+        return state
 
     def put(self, key: bytes, state: RequestState) -> None:
+        self.pop(key)
         self._states[key] = state
-        self._states.move_to_end(key)
+        if state.drafter_kv is not None:
+            self.held_bytes += state.drafter_kv.nbytes
         while len(self._states) > self.capacity:
-            self._states.popitem(last=False)
+            self.pop(next(iter(self._states)))
+        for old in self._states.values():  # oldest first; the newest state keeps its cache
+            if self.held_bytes <= self.cache_bytes or old is state:
+                break
+            if old.drafter_kv is not None:
+                self.held_bytes -= old.drafter_kv.nbytes
+                old.drafter_kv = None
 
     def __len__(self) -> int:
         return len(self._states)
@@ -235,6 +254,7 @@ class ProposerStats:
     time_search: float = 0.0
     time_total: float = 0.0
     failures: int = 0
+    cached_tokens: int = 0   # prefix tokens the drafter took from its cache instead of recomputing
     draft_lengths: list[int] = field(default_factory=list)  # histogram: index = proposed length
 
 
@@ -259,13 +279,16 @@ class DiffuSpecProposer:
             param = next(iter(target_model.parameters()), None)
             device = param.device if param is not None else device
         drafter = load_drafter(s.drafter_path, dtype=self.dtype, device=device)
+        set_prefix_cache(drafter, s.config.drafter_cache)
+        int8 = quantize_int8(drafter.eval(), s.config.drafter_int8)
         if not 0 <= drafter.mask_token_id < drafter.vocab_size:
             raise ValueError(f"drafter {str(s.drafter_path)!r}: mask_token_id={drafter.mask_token_id} is outside its "
                              f"{drafter.vocab_size} embedding rows; fix mask_token_id in its config.json")
         table = NGramModel.load(s.config.proxy_table, device=device) if s.config.proxy_table else None
         self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
-        logger.info("diffuspec: drafter %s loaded (%s, %s, %d positions); k in [%d, %d]", s.drafter_path, device,
-                    self.dtype, drafter.max_positions, s.config.adl.k_min, s.config.adl.k_max)
+        logger.info("diffuspec: drafter %s loaded (%s, %s%s, %d positions); k in [%d, %d]", s.drafter_path, device,
+                    self.dtype, ", int8 linear layers" if int8 else "", drafter.max_positions, s.config.adl.k_min,
+                    s.config.adl.k_max)
 
     def propose(
         self,
@@ -304,9 +327,10 @@ class DiffuSpecProposer:
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
+        kv = [p.drafter_kv if p else None for p in prev]  # rows that draft now replace theirs
         if int(k.max()) > 0:
             try:
-                out = self._draft(token_ids_cpu, rows, lengths, k)
+                out = self._draft(token_ids_cpu, rows, lengths, k, kv)
             except Exception:  # a drafter failure costs this step's drafts, never the server
                 self.stats.failures += 1
                 if self.stats.failures == 1:
@@ -314,24 +338,35 @@ class DiffuSpecProposer:
                                      "failures are counted in DiffuSpecProposer.stats.failures, not logged)")
                 k = torch.zeros_like(k)
             else:
-                paths, path_len, new_gen_len = out
+                paths, path_len, new_gen_len, kv = out
                 for j, i in enumerate(rows):
                     drafts[i] = paths[j][: int(path_len[j])]
         for j, key in enumerate(keys):
             self.states.put(key, RequestState(gen_ema=float(adl.gen_ema[j]), acc_ema=float(adl.acc_ema[j]),
-                                              k=int(k[j]), path_len=int(path_len[j]), gen_len=int(new_gen_len[j])))
+                                              k=int(k[j]), path_len=int(path_len[j]), gen_len=int(new_gen_len[j]),
+                                              drafter_kv=kv[j]))
         self._count(drafts, rows, time.perf_counter() - t0)
         return drafts
 
-    def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor):
-        """One batched drafter pass + lattice + CPS for the rows with k > 0."""
+    def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
+               kv: list[RowCache | None]):
+        """One batched drafter pass + lattice + CPS for the rows with k > 0. ``kv``: each
+        row's drafter prefix cache from its previous step (None: none); returns the rows'
+        caches after this pass."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
         width = int(lengths[sel.numpy()].max())
         assert self.path_proposer is not None
-        device = next(self.path_proposer.drafter.parameters()).device
+        drafter = self.path_proposer.drafter
+        device = next(drafter.parameters()).device
         tokens = torch.from_numpy(token_ids_cpu[sel_rows, :width].astype(np.int64)).to(device)  # [D, T]
-        prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel])
+        state = None
+        if getattr(drafter, "prefix_cache", False):
+            # A cache must leave the row's newest token to feed (a fingerprint collision aside, it does).
+            rows_kv = [kv[j] if kv[j] is not None and kv[j].length < int(lengths[j]) else None for j in sel.tolist()]
+            state = DrafterState.from_rows(rows_kv, capacity=width + int(k.max()) + 1)
+            self.stats.cached_tokens += int(state.cached.sum())
+        prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
@@ -341,7 +376,11 @@ class DiffuSpecProposer:
         paths: list[list[int]] = [[] for _ in rows]
         for j, row in zip(sel.tolist(), host[:, 2:].tolist()):
             paths[j] = row
-        return paths, path_len, gen_len
+        kv = list(kv)
+        if state is not None:
+            for d, j in enumerate(sel.tolist()):
+                kv[j] = state.row(d)
+        return paths, path_len, gen_len, kv
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
         st = self.stats

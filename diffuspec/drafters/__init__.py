@@ -1,10 +1,11 @@
 """Diffusion-LM drafters: the contract, the native transformer, and checkpoint formats."""
 
-from .base import DiffusionDrafter, DrafterState, TransformerDrafter, build_masked_input, draft_attention_mask
+from .base import (DiffusionDrafter, DrafterState, RowCache, TransformerDrafter, build_masked_input, draft_attention_mask,
+                   quantize_int8, set_prefix_cache)
 from .formats import detect_format, dream_config, inspect_drafter_folder, load_drafter, save_dream
 from .model import BidirectionalTransformer, TransformerSpec
 
 __all__ = [
     "BidirectionalTransformer", "DiffusionDrafter", "TransformerDrafter", "TransformerSpec",
-    "DrafterState", "build_masked_input", "draft_attention_mask", "detect_format", "dream_config", "inspect_drafter_folder", "load_drafter", "save_dream",
+    "DrafterState", "RowCache", "quantize_int8", "set_prefix_cache", "build_masked_input", "draft_attention_mask", "detect_format", "dream_config", "inspect_drafter_folder", "load_drafter", "save_dream",
 ]

@@ -8,6 +8,7 @@ each of the k masked positions. The engine only ever calls :meth:`DiffusionDraft
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,6 +89,23 @@ def draft_attention_mask(offset: torch.Tensor, n_real: torch.Tensor, k: torch.Te
     return allowed[:, None]
 
 
+@dataclass
+class RowCache:
+    """One row's slice of a :class:`DrafterState`: per layer, keys and values
+    ``[kv_heads, length, head_dim]`` of the row's first ``length`` prefix tokens."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[1]) if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
 class DrafterState:
     """A drafter's prefix KV cache for one generation: ``cached[b]`` tokens of row b have
     their keys/values in ``cache`` (every prefix token but the newest few)."""
@@ -97,6 +115,71 @@ class DrafterState:
 
         self.cache = RaggedKVCache(batch, capacity)
         self.cached = torch.zeros(batch, dtype=torch.int64)  # CPU
+
+    @classmethod
+    def from_rows(cls, rows: list[RowCache | None], capacity: int) -> "DrafterState":
+        """A batch whose row j starts from ``rows[j]`` (None: nothing cached), for callers
+        whose batches change between rounds (vLLM): they keep each request's rows."""
+        state = cls(len(rows), capacity)
+        known = [r for r in rows if r is not None and r.length > 0]
+        if not known:
+            return state
+        for layer in range(len(known[0].keys)):
+            for kind, buffers in (("keys", state.cache.keys), ("values", state.cache.values)):
+                first = getattr(known[0], kind)[layer]
+                buf = first.new_zeros(len(rows), first.shape[0], capacity, first.shape[2])
+                for j, r in enumerate(rows):
+                    if r is not None and r.length > 0:
+                        buf[j, :, : r.length] = getattr(r, kind)[layer]
+                buffers.append(buf)
+        state.cached = torch.tensor([r.length if r is not None else 0 for r in rows], dtype=torch.int64)
+        return state
+
+    def row(self, j: int) -> RowCache:
+        """A copy of row j's cached prefix."""
+        n = int(self.cached[j])
+        return RowCache([k[j, :, :n].clone() for k in self.cache.keys], [v[j, :, :n].clone() for v in self.cache.values])
+
+
+def quantize_int8(drafter: DiffusionDrafter, setting: bool | None) -> bool:
+    """Apply the ``drafter_int8`` setting: swap the drafter's ``nn.Linear`` layers, in place,
+    for dynamically quantized int8 ones (torch's CPU kernels). Returns whether it did.
+
+    None quantizes where it pays and is supported (a float32 drafter on a CPU, a torch that
+    still ships ``torch.ao.quantization``); True insists, naming what stands in the way."""
+    if setting is False:
+        return False
+    param = next(drafter.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    reason = None
+    if device.type != "cpu":
+        reason = f"the drafter runs on {device}; int8 dynamic quantization has CPU kernels only"
+    elif dtype != torch.float32:
+        reason = f"the drafter is {dtype}; int8 dynamic quantization takes a float32 drafter (dtype=torch.float32)"
+    else:
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            reason = f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic"
+    if reason is not None:
+        if setting:
+            raise ValueError(f"drafter_int8=True, but {reason}; leave drafter_int8 unset or False")
+        return False
+    import warnings
+    with warnings.catch_warnings():  # torch marks its eager quantization API deprecated; it works as pinned
+        warnings.simplefilter("ignore")
+        quantize_dynamic(drafter, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return True
+
+
+def set_prefix_cache(drafter: DiffusionDrafter, setting: bool | None) -> None:
+    """Apply the ``drafter_cache`` setting (None keeps the drafter's own default)."""
+    if setting is None:
+        return
+    if not hasattr(drafter, "prefix_cache"):
+        raise ValueError(f"drafter_cache={setting} but {type(drafter).__name__} has no prefix cache; leave "
+                         "drafter_cache unset")
+    drafter.prefix_cache = bool(setting)
 
 
 class TransformerDrafter(DiffusionDrafter):
