@@ -8,7 +8,8 @@ accepted, two exponential moving averages with rate ρ are kept:
     k_next = clip(⌊Ḡ⌋ + δ·[Ā ≥ Ḡ], k_min, k_max)
 
 so a request whose drafts are fully accepted grows its k by δ, and one whose drafter expects
-the text to end soon (an early EOS) shrinks it.
+the text to end soon (an early EOS) shrinks it. Beyond the paper, :func:`cap_for_batch`
+bounds a round's verified tokens over the batch (``verify_budget``).
 """
 
 from __future__ import annotations
@@ -51,3 +52,20 @@ def generated_length(
     idx = torch.arange(kmax, device=argmax.device).expand_as(argmax)
     first = torch.where(argmax == eos_token_id, idx, torch.full_like(idx, kmax)).min(-1).values
     return torch.minimum(first, k)
+
+
+CPU_VERIFY_BUDGET = 48  # tokens a CPU round verifies over the batch, by default (see ADLConfig)
+
+
+def verify_budget(cfg: ADLConfig, device: torch.device | str) -> int | None:
+    """The configured verify budget, with "auto" resolved for the device."""
+    if cfg.verify_budget == "auto":
+        return CPU_VERIFY_BUDGET if torch.device(device).type == "cpu" else None
+    return cfg.verify_budget
+
+
+def cap_for_batch(k: torch.Tensor, active_rows: int, budget: int | None) -> torch.Tensor:
+    """k [B] int64 capped so that active_rows · (k + 1) <= budget (0 where it cannot fit)."""
+    if budget is None or active_rows == 0:
+        return k
+    return k.clamp(max=max(budget // active_rows - 1, 0))

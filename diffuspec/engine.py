@@ -6,7 +6,8 @@ one, which is fed again at the head of the next verify pass together with the pa
 
 One round::
 
-    k        = ADL per row (0 for finished rows; never more than the remaining budget - 1)
+    k        = ADL per row (0 for finished rows; never more than the remaining budget - 1),
+               capped so the batch verifies at most verify_budget tokens
     q        = drafter.draft(tokens, lengths, k)             [B, kmax, V]   one DLM pass
     lattice  = build_lattice(log q)                          [B, kmax, M]
     path     = search_path(lattice, proxy)                   [B, kmax]
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adl import AdaptiveDraftLength
+from .adl import AdaptiveDraftLength, cap_for_batch, verify_budget
 from .config import DiffuSpecConfig, SamplingParams
 from .drafters.base import DiffusionDrafter
 from .propose import PathProposer
@@ -160,6 +161,7 @@ class SpeculativeEngine:
         if longest > 1:  # prefill all but each row's last token
             runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), logits=False)
         adl = AdaptiveDraftLength(b, cfg.adl)  # on the CPU: its state is host metadata
+        budget = verify_budget(cfg.adl, dev)
         drafter_state = self.drafter.new_state(b, cap) if self.speculating else None
         stopper = StopChecker(params.stop, decode) if params.stop else None
         prefill = time.perf_counter() - start_wall
@@ -178,6 +180,7 @@ class SpeculativeEngine:
             k_cpu = torch.zeros(b, dtype=torch.int64)
             if self.speculating:
                 k_cpu = torch.where(active_cpu, torch.minimum(adl.next_k(), remaining - 1).clamp(min=0), k_cpu)
+                k_cpu = cap_for_batch(k_cpu, int(active_cpu.sum()), budget)
             kmax = int(k_cpu.max())
             t_draft = t_search = 0.0
             if kmax > 0:

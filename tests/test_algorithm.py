@@ -174,6 +174,20 @@ def test_adl_follows_the_paper_recurrence():
     assert AdaptiveDraftLength(1, ADLConfig(enabled=False, k_init=5)).next_k().tolist() == [5]
 
 
+def test_verify_budget_per_batch():
+    from diffuspec.adl import CPU_VERIFY_BUDGET, cap_for_batch, verify_budget
+
+    k = torch.tensor([16, 3, 9])
+    assert cap_for_batch(k, 3, 48).tolist() == [15, 3, 9]   # 48 // 3 - 1
+    assert cap_for_batch(k, 3, 12).tolist() == [3, 3, 3]
+    assert cap_for_batch(k, 3, 5).tolist() == [0, 0, 0]     # not even one draft token each: plain decoding
+    assert cap_for_batch(k, 3, None).tolist() == [16, 3, 9]
+    assert verify_budget(ADLConfig(), "cpu") == CPU_VERIFY_BUDGET
+    assert verify_budget(ADLConfig(), "cuda") is None and verify_budget(ADLConfig(verify_budget=64), "cuda") == 64
+    with pytest.raises(ValueError, match="verify_budget=1 must be an int >= 2"):
+        ADLConfig(verify_budget=1)
+
+
 def test_generated_length_stops_at_first_eos():
     argmax = torch.tensor([[1, 2, EOS, 3, EOS], [1, 2, 3, 4, 5], [EOS, 1, 1, 1, 1]])
     assert generated_length(argmax, torch.tensor([5, 5, 5]), EOS).tolist() == [2, 5, 0]

@@ -52,6 +52,22 @@ def test_greedy_equals_target_only(tiny_target, tiny_pair, kind, batch):
         assert all(a <= 1 for a in st.accepted) and max(st.accepted) == 1
 
 
+def test_verify_budget_caps_k_over_the_batch(tiny_target):
+    """A round verifies at most verify_budget tokens over the batch: with 4 rows and a
+    budget of 12 each row drafts at most 12 // 4 - 1 = 2; below 2 per row, plain decoding."""
+    model, tok = tiny_target
+    prompts, new = _prompt_ids(tok, 4), 18
+    drafter = OracleDrafter(model, tok.mask_token_id)
+    ref = [o.token_ids for o in _engine(model, None, eos=None).generate(prompts, SamplingParams(max_new_tokens=new))]
+    for budget, cap in ((12, 2), (7, 0), (None, 16)):
+        outs = _engine(model, drafter, eos=None, verify_budget=budget).generate(prompts, SamplingParams(max_new_tokens=new))
+        assert [o.token_ids for o in outs] == ref, budget
+        k_used = max(k for o in outs for k in o.stats.draft_lengths)
+        assert k_used == cap if budget else k_used > 2, (budget, k_used)
+        if cap == 0:
+            assert all(o.stats.rounds == new for o in outs)  # one token a round
+
+
 def test_eos_inside_a_draft(tiny_target):
     """Generation stops at an EOS that sits in the middle of an accepted path."""
     model, tok = tiny_target

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffuspec.adl import AdaptiveDraftLength
+from diffuspec.adl import AdaptiveDraftLength, cap_for_batch, verify_budget
 from diffuspec.config import DiffuSpecConfig
 from diffuspec.drafters import (DrafterState, RowCache, inspect_drafter_folder, load_drafter, quantize_int8,
                                set_prefix_cache)
@@ -270,6 +270,7 @@ class DiffuSpecProposer:
         self.states = RequestStates(capacity=4 * max_seqs + 64)
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
+        self.verify_budget = verify_budget(self.settings.config.adl, self.default_device)
 
     def load_model(self, target_model: torch.nn.Module | None = None) -> None:
         """Load the drafter on the target's device, in the target's dtype."""
@@ -278,6 +279,7 @@ class DiffuSpecProposer:
         if target_model is not None:
             param = next(iter(target_model.parameters()), None)
             device = param.device if param is not None else device
+        self.verify_budget = verify_budget(s.config.adl, device)
         drafter = load_drafter(s.drafter_path, dtype=self.dtype, device=device)
         set_prefix_cache(drafter, s.config.drafter_cache)
         int8 = quantize_int8(drafter.eval(), s.config.drafter_int8)
@@ -324,6 +326,7 @@ class DiffuSpecProposer:
         adl.update(gen_len, acc_len, was_drafted)
         room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
         k = torch.minimum(adl.next_k(), room).clamp(max=s.num_speculative_tokens)  # [R] int64
+        k = cap_for_batch(k, len(rows), self.verify_budget)
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
