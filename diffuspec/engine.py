@@ -12,6 +12,7 @@ One round::
     lattice  = build_lattice(log q)                          [B, kmax, M]
     path     = search_path(lattice, proxy)                   [B, kmax]
     logits   = target([last, path])                          [B, kmax+1, V] one AR pass
+                 (the first round feeds [prompt, path]: the prefill rides along)
     n, next  = accept(logits, path)                          [B], [B]
     emitted  = path[:n] + next ──▶ host (the round's one sync) ──▶ stop checks, stats
 
@@ -37,7 +38,9 @@ from .verify import accept_greedy, accept_sampling
 @dataclass
 class GenerationStats:
     """Per-request statistics. Times are the batch's wall time for the rounds this request
-    took part in (a batched round is shared by its requests)."""
+    took part in (a batched round is shared by its requests). The prompt's prefill is in
+    ``time_verify`` when the first round's verify pass runs it (prompts of one length), in
+    ``time_other`` when a separate prefill pass does."""
 
     rounds: int = 0
     prompt_tokens: int = 0
@@ -158,8 +161,11 @@ class SpeculativeEngine:
         start_wall = time.perf_counter()
         runner = TargetRunner(self.target, b, cap)
         longest = int(lengths_cpu.max())
-        if longest > 1:  # prefill all but each row's last token
-            runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), logits=False)
+        # Prompts of one length (a single prompt included) are prefilled by the first round's
+        # verify pass; otherwise a prefill pass runs first, over all but each row's last token.
+        prefill_in_round = longest > 1 and bool((lengths_cpu == longest).all())
+        if longest > 1 and not prefill_in_round:
+            runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), keep=1)
         adl = AdaptiveDraftLength(b, cfg.adl)  # on the CPU: its state is host metadata
         budget = verify_budget(cfg.adl, dev)
         drafter_state = self.drafter.new_state(b, cap) if self.speculating else None
@@ -194,7 +200,13 @@ class SpeculativeEngine:
             t2 = time.perf_counter()
             active = active_cpu.to(dev)
             last = tokens.gather(1, (lengths - 1)[:, None])
-            logits = runner.forward(torch.cat([last, path], dim=1), lengths_cpu - 1)[..., : self.emit_vocab]
+            if prefill_in_round:  # the first round: the whole prompt, then the path
+                prefill_in_round = False
+                logits = runner.forward(torch.cat([tokens[:, : longest - 1], last, path], dim=1),
+                                        torch.zeros(b, dtype=torch.int64), keep=kmax + 1)
+            else:
+                logits = runner.forward(torch.cat([last, path], dim=1), lengths_cpu - 1)
+            logits = logits[..., : self.emit_vocab]
             if params.greedy:
                 n_acc, nxt = accept_greedy(logits, path, path_len)
             else:

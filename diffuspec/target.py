@@ -68,8 +68,8 @@ class TargetRunner:
         self,
         input_ids: torch.Tensor,  # [B, n] int64 (device)
         start: torch.Tensor,      # [B] int64 (CPU): cache length of each row before this pass
-        logits: bool = True,      # False (prefill): fill the cache only; the head runs on one position
-    ) -> torch.Tensor:            # [B, n, V] logits ([B, 1, V] when ``logits`` is False)
+        keep: int = 0,            # logits for the last `keep` positions only (0: all); prefill keeps 1
+    ) -> torch.Tensor:            # [B, n or keep, V] logits
         b, n = input_ids.shape
         visible = min(int(start.max()) + n, self.cache.capacity)  # host metadata: no device sync
         pos = (start[:, None] + torch.arange(n)[None, :]).to(input_ids.device)  # [B, n]
@@ -80,5 +80,5 @@ class TargetRunner:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=input_ids.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # [B, 1, n, visible]
         out = self.model(input_ids=input_ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                         attention_mask=mask, logits_to_keep=0 if logits else 1)
+                         attention_mask=mask, logits_to_keep=keep)
         return out.logits
