@@ -105,7 +105,7 @@ class DiffuSpec:
         self.drafter_int8 = False  # whether the drafter's linear layers run in int8
         if drafter_model is not None:
             set_prefix_cache(drafter_model, config.drafter_cache)
-            self.drafter_int8 = quantize_int8(drafter_model.eval(), config.drafter_int8)
+            self.drafter_int8 = quantize_int8(drafter_model, config.drafter_int8)
         self.target = target_model.eval()
         self.drafter = drafter_model.eval() if drafter_model is not None else None
         self.tokenizer = tokenizer

@@ -97,11 +97,11 @@ def _search_numpy(lattice: Lattice, proxy: CausalProxy, prefix_tail: torch.Tenso
         cand = tokens[:, i]                                                        # [B, M]
         if table is not None:
             ctx_id, table_lp = table
-            proxy_lp = table_lp[ctx_id[(r, i) + tuple(cells[..., t] for t in range(hist_len))]]
+            proxy_lp = table_lp[ctx_id[(r, i) + tuple(cells[..., t] for t in range(hist_len))]]  # [B, W or 1, M]
         else:
             proxy_lp = proxy.logprob_numpy(rows, ctx.reshape(b * width, hist_len), np.repeat(cand, width, axis=0))
-        step = drafter_term[:, i, None, :] + (1.0 - lam) * proxy_lp.reshape(b, -1, m)
-        step = np.broadcast_to(step, (b, width, m)).copy()
+        # a new [B, W, M] array (written below where rows are done)
+        step = drafter_term[:, i, None, :] + (1.0 - lam) * np.broadcast_to(proxy_lp.reshape(b, -1, m), (b, width, m))
         done = i >= length
         if done.any():
             step[done] = hold

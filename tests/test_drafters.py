@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffuspec.drafters import (BidirectionalTransformer, DrafterState, TransformerDrafter, TransformerSpec, build_masked_input,
+from diffuspec.drafters import (BidirectionalTransformer, TransformerDrafter, TransformerSpec, build_masked_input,
                                 draft_attention_mask, load_drafter)
 
 H, F, LAYERS, HEADS, KV, V = 32, 48, 2, 4, 2, 50
@@ -180,7 +180,7 @@ def test_prefix_cache_is_exact_for_prefix_causal_drafters(tmp_path):
             lengths = lengths + torch.tensor(grow)
             kk = torch.tensor(k)
             if step == 2:  # rows taken out and put back in the other order (vLLM's batches change)
-                swapped = DrafterState.from_rows([state.row(1), state.row(0)], capacity=40)
+                swapped = drafter.new_state(2, 40).load_rows([state.row(1), state.row(0)])
                 flip = drafter.draft(tokens.flip(0), lengths.flip(0), kk.flip(0), state=swapped).flip(0)
             cached = drafter.draft(tokens, lengths, kk, state=state)
             if step == 2:

@@ -47,8 +47,7 @@ import torch
 
 from diffuspec.adl import AdaptiveDraftLength, cap_for_batch, verify_budget
 from diffuspec.config import DiffuSpecConfig
-from diffuspec.drafters import (DrafterState, RowCache, inspect_drafter_folder, load_drafter, quantize_int8,
-                               set_prefix_cache)
+from diffuspec.drafters import RowCache, inspect_drafter_folder, load_drafter, quantize_int8, set_prefix_cache
 from diffuspec.propose import PathProposer
 from diffuspec.proxy import NGramModel
 
@@ -270,7 +269,7 @@ class DiffuSpecProposer:
         self.states = RequestStates(capacity=4 * max_seqs + 64)
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
-        self.verify_budget = verify_budget(self.settings.config.adl, self.default_device)
+        self.verify_budget: int | None = None  # resolved for the drafter's device by load_model
 
     def load_model(self, target_model: torch.nn.Module | None = None) -> None:
         """Load the drafter on the target's device, in the target's dtype."""
@@ -282,7 +281,7 @@ class DiffuSpecProposer:
         self.verify_budget = verify_budget(s.config.adl, device)
         drafter = load_drafter(s.drafter_path, dtype=self.dtype, device=device)
         set_prefix_cache(drafter, s.config.drafter_cache)
-        int8 = quantize_int8(drafter.eval(), s.config.drafter_int8)
+        int8 = quantize_int8(drafter, s.config.drafter_int8)
         if not 0 <= drafter.mask_token_id < drafter.vocab_size:
             raise ValueError(f"drafter {str(s.drafter_path)!r}: mask_token_id={drafter.mask_token_id} is outside its "
                              f"{drafter.vocab_size} embedding rows; fix mask_token_id in its config.json")
@@ -363,11 +362,11 @@ class DiffuSpecProposer:
         drafter = self.path_proposer.drafter
         device = next(drafter.parameters()).device
         tokens = torch.from_numpy(token_ids_cpu[sel_rows, :width].astype(np.int64)).to(device)  # [D, T]
-        state = None
-        if getattr(drafter, "prefix_cache", False):
+        state = drafter.new_state(len(sel_rows), width + int(k.max()) + 1)  # None: no prefix cache
+        if state is not None:
             # A cache must leave the row's newest token to feed (a fingerprint collision aside, it does).
-            rows_kv = [kv[j] if kv[j] is not None and kv[j].length < int(lengths[j]) else None for j in sel.tolist()]
-            state = DrafterState.from_rows(rows_kv, capacity=width + int(k.max()) + 1)
+            state.load_rows([kv[j] if kv[j] is not None and kv[j].length < int(lengths[j]) else None
+                             for j in sel.tolist()])
             self.stats.cached_tokens += int(state.cached.sum())
         prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync

@@ -116,24 +116,22 @@ class DrafterState:
         self.cache = RaggedKVCache(batch, capacity)
         self.cached = torch.zeros(batch, dtype=torch.int64)  # CPU
 
-    @classmethod
-    def from_rows(cls, rows: list[RowCache | None], capacity: int) -> "DrafterState":
-        """A batch whose row j starts from ``rows[j]`` (None: nothing cached), for callers
+    def load_rows(self, rows: list[RowCache | None]) -> "DrafterState":
+        """Start this fresh state's row j from ``rows[j]`` (None: nothing cached), for callers
         whose batches change between rounds (vLLM): they keep each request's rows."""
-        state = cls(len(rows), capacity)
-        known = [r for r in rows if r is not None and r.length > 0]
+        known = {j: r for j, r in enumerate(rows) if r is not None and r.length > 0}
         if not known:
-            return state
-        for layer in range(len(known[0].keys)):
-            for kind, buffers in (("keys", state.cache.keys), ("values", state.cache.values)):
-                first = getattr(known[0], kind)[layer]
-                buf = first.new_zeros(len(rows), first.shape[0], capacity, first.shape[2])
-                for j, r in enumerate(rows):
-                    if r is not None and r.length > 0:
-                        buf[j, :, : r.length] = getattr(r, kind)[layer]
+            return self
+        first = next(iter(known.values()))
+        for layer in range(len(first.keys)):
+            for kind, buffers in (("keys", self.cache.keys), ("values", self.cache.values)):
+                like = getattr(first, kind)[layer]
+                buf = like.new_zeros(self.cache.batch, like.shape[0], self.cache.capacity, like.shape[2])
+                for j, r in known.items():
+                    buf[j, :, : r.length] = getattr(r, kind)[layer]
                 buffers.append(buf)
-        state.cached = torch.tensor([r.length if r is not None else 0 for r in rows], dtype=torch.int64)
-        return state
+        self.cached = torch.tensor([known[j].length if j in known else 0 for j in range(len(rows))], dtype=torch.int64)
+        return self
 
     def row(self, j: int) -> RowCache:
         """A copy of row j's cached prefix."""
