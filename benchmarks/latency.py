@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from diffuspec.hardware import machine_info
+from hardware import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {
@@ -54,7 +54,7 @@ SCHEMA = {
 
 # --------------------------------------------------------------------------- data
 def load_prompts(dataset: str, path: str | None) -> list[str]:
-    from diffuspec.datasets import load_prompts as load
+    from prompt_sets import load_prompts as load
 
     if dataset == "specbench" and path is None:
         path = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"  # development and CI copy
@@ -174,7 +174,7 @@ def _vllm_method(name: str, config: str | None) -> Callable:
 
 
 def _fixed_k(k: int) -> Callable:
-    return _engine_method(adl={"enabled": False, "k_init": k, "k_min": k, "k_max": max(k, 1)})
+    return _engine_method(adl={"policy": "fixed", "k_init": k, "k_min": k, "k_max": max(k, 1)})
 
 
 METHODS: dict[str, Callable] = {
@@ -203,6 +203,8 @@ def resolve_method(name: str) -> Callable:
 def summarise(runs: list[Run]) -> dict:
     from vllm_methods import SpecCounts
 
+    from diffuspec.stats import pooled_acceptance
+
     stats = [r.stats for r in runs if r.stats is not None]
     out: dict = {"tau": None, "acceptance_per_position": [], "draft_length_hist": {}, "time_split": None}
     if not stats:
@@ -214,10 +216,7 @@ def summarise(runs: list[Run]) -> dict:
         return out
     rounds = sum(s.rounds for s in stats)
     out["tau"] = sum(s.new_tokens for s in stats) / rounds if rounds else None
-    width = max((len(s.drafted_at) for s in stats), default=0)
-    drafted = [sum(s.drafted_at[i] for s in stats if i < len(s.drafted_at)) for i in range(width)]
-    accepted = [sum(s.accepted_at[i] for s in stats if i < len(s.accepted_at)) for i in range(width)]
-    out["acceptance_per_position"] = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+    out["acceptance_per_position"] = pooled_acceptance(stats)
     hist: dict[int, int] = {}
     for s in stats:
         for k in s.draft_lengths:

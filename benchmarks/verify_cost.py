@@ -20,7 +20,7 @@ import time
 import torch
 
 from diffuspec.assets import embedded_pair
-from diffuspec.hardware import machine_info
+from hardware import machine_info
 
 
 def main() -> None:

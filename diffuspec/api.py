@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
+from . import loading
 from .config import DiffuSpecConfig, SamplingParams
-from .drafters import DiffusionDrafter, load_drafter, quantize_int8, set_prefix_cache
-from .engine import GenerationStats, SpeculativeEngine
-from .proxy import NGramModel
+from .drafters import DiffusionDrafter, load_drafter
+from .engine import SpeculativeEngine
+from .stats import GenerationStats
 
 
 @dataclass
@@ -28,29 +29,6 @@ class GenerationResult:
     token_ids: list[int]     # generated ids (EOS included when generation ended on it)
     finish_reason: str       # "eos", "length" or "stop"
     stats: GenerationStats
-
-
-def _vocab_mismatch(target: dict[str, int], drafter: dict[str, int]) -> str | None:
-    """None when every target token has the same id in the drafter's map and the drafter's
-    extra tokens (e.g. Dream's <|mask|>) take ids the target does not use."""
-    missing = sorted(t for t in target if t not in drafter)
-    moved = sorted(t for t in target if t in drafter and drafter[t] != target[t])
-    used = set(target.values())
-    clashing = sorted(t for t in drafter if t not in target and drafter[t] in used)
-    if not (missing or moved or clashing):
-        return None
-    return (f"target has {len(target)} tokens, drafter {len(drafter)}; target tokens missing from the drafter's: "
-            f"{missing[:3]}; tokens with different ids: {[(t, target[t], drafter[t]) for t in moved[:3]]}; "
-            f"drafter tokens on ids the target uses for other tokens: {clashing[:3]}")
-
-
-def _target_context(model) -> int | None:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class DiffuSpec:
@@ -73,52 +51,23 @@ class DiffuSpec:
             raise TypeError(f"config must be a DiffuSpecConfig or a dict, got {type(config).__name__}")
         if not (isinstance(target_model, torch.nn.Module) and hasattr(target_model, "config")):
             raise TypeError(f"target_model must be a loaded transformers causal LM, got {type(target_model).__name__}")
-        if drafter_model is not None and not isinstance(drafter_model, DiffusionDrafter):
-            hint = ""
-            if hasattr(drafter_model, "config") and hasattr(drafter_model, "generate"):
-                hint = (f" {type(drafter_model).__name__} is a causal (autoregressive) LM; it belongs in `target_model`. "
-                        "The drafter must be a diffusion LM: load a Dream- or LLaDA-format folder with "
-                        "diffuspec.drafters.load_drafter(path).")
-            raise TypeError(f"drafter_model must be a diffuspec DiffusionDrafter, got {type(drafter_model).__name__}."
-                            f"{hint or ' Load one with diffuspec.drafters.load_drafter(path).'}")
+        loading.check_drafter_object(drafter_model)
         if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         if drafter_tokenizer is not None:
-            diff = _vocab_mismatch(tokenizer.get_vocab(), drafter_tokenizer.get_vocab())
-            if diff:
-                raise ValueError("the drafter's tokenizer disagrees with the target's (token → id maps differ: "
-                                 f"{diff}). Drafter and target must share one tokenizer; pick a drafter trained "
-                                 "with the target's tokenizer (e.g. Dream-v0 with Qwen2.5).")
-        if drafter_model is not None:
-            mask_id = getattr(drafter_model, "mask_token_id", None)
-            if mask_id is None:
-                mask_id = getattr(tokenizer, "mask_token_id", None)
-                if mask_id is None:
-                    raise ValueError("the tokenizer has no mask token and the drafter names no mask_token_id: a "
-                                     "diffusion drafter needs one. Add a mask token to the tokenizer "
-                                     "(tokenizer.add_special_tokens({'mask_token': '<|mask|>'})) or mask_token_id "
-                                     "to the drafter's config.json.")
-                drafter_model.mask_token_id = mask_id
-            if not 0 <= mask_id < drafter_model.vocab_size:
-                raise ValueError(f"mask_token_id={mask_id} is outside the drafter's {drafter_model.vocab_size} "
-                                 "embedding rows; fix mask_token_id in the drafter's config.json")
+            loading.check_shared_tokenizer(tokenizer, drafter_tokenizer)
         self.drafter_int8 = False  # whether the drafter's linear layers run in int8
         if drafter_model is not None:
-            set_prefix_cache(drafter_model, config.drafter_cache)
-            self.drafter_int8 = quantize_int8(drafter_model, config.drafter_int8)
+            self.drafter_int8 = loading.prepare_drafter(drafter_model, config, tokenizer).int8
         self.target = target_model.eval()
-        self.drafter = drafter_model.eval() if drafter_model is not None else None
+        self.drafter = drafter_model
         self.tokenizer = tokenizer
         self.config = config
-        emit_vocab = min(len(tokenizer), target_model.get_output_embeddings().weight.shape[0])
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            eos = getattr(getattr(target_model, "generation_config", None), "eos_token_id", None)
-            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        self.eos_token_id = eos
-        self.max_context = _target_context(target_model)
-        proxy_table = NGramModel.load(config.proxy_table, device=self.device) if config.proxy_table else None
-        self.engine = SpeculativeEngine(self.target, self.drafter, config, eos, emit_vocab, proxy_table)
+        emit_vocab = loading.emit_vocab(target_model.get_output_embeddings().weight.shape[0], tokenizer)
+        self.eos_token_id = loading.resolve_eos(tokenizer, getattr(target_model, "generation_config", None))
+        self.max_context = loading.target_context(target_model.config)
+        proxy_table = loading.load_proxy_table(config, self.device)
+        self.engine = SpeculativeEngine(self.target, self.drafter, config, self.eos_token_id, emit_vocab, proxy_table)
 
     @property
     def device(self) -> torch.device:
@@ -141,36 +90,25 @@ class DiffuSpec:
         Keyword arguments beyond device/dtype are configuration keys (see DiffuSpecConfig)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from . import assets
-
         cfg = DiffuSpecConfig.from_kwargs(**config)  # reject unknown keys before loading anything
         if target is None:
             if drafter is not None:
                 raise ValueError("a drafter was given without a target; pass target= too (or neither, for the "
                                  "embedded default pair)")
-            pair = assets.embedded_pair()
-            if pair is None:
-                raise ValueError("this install has no embedded model pair (diffuspec/pair/); pass target= and "
-                                 "drafter= folders, or build a pair with `diffuspec train --out DIR`")
-            target, drafter = pair
-            table = assets.embedded_proxy_table()
-            if cfg.proxy_table is None and table is not None and "proxy_table" not in config:
-                cfg = cfg.replace(proxy_table=str(table))
+            target, drafter, table = loading.embedded_pair()
+            cfg = loading.with_default_table(cfg, table, config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        target = _resolve(target, "target")
+        target = loading.resolve_checkpoint(target, "target")
         tokenizer = AutoTokenizer.from_pretrained(str(target))
         target_model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype).to(device)
         drafter_model = drafter_tok = None
         if drafter is not None:
-            drafter = _resolve(drafter, "drafter")
+            drafter = loading.resolve_drafter_folder(drafter)
             drafter_model = load_drafter(drafter, dtype=dtype, device=device)
-            if (drafter / "tokenizer.json").is_file():
-                # tokenizer.json alone: Dream folders name remote tokenizer code we do not run.
-                from transformers import PreTrainedTokenizerFast
-                drafter_tok = PreTrainedTokenizerFast(tokenizer_file=str(drafter / "tokenizer.json"))
+            drafter_tok = loading.drafter_tokenizer(drafter)
         return cls(target_model, drafter_model, tokenizer, cfg, drafter_tokenizer=drafter_tok)
 
     # --------------------------------------------------------------- generation
@@ -251,29 +189,3 @@ class DiffuSpec:
             else:
                 raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
         return ids
-
-
-def _resolve(path_or_id, role: str) -> Path:
-    """A local checkpoint folder for a path, or for a hub id already in the local cache."""
-    p = Path(path_or_id)
-    if not p.exists():
-        name = str(path_or_id)
-        if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-            try:
-                from huggingface_hub import snapshot_download
-                p = Path(snapshot_download(name))
-            except Exception as exc:  # offline, unknown id, no access: all the same to the user
-                raise ValueError(f"{role} {name!r} is not a local folder and could not be fetched as a model id "
-                                 f"({type(exc).__name__}: {exc}). Pass a local checkpoint folder.") from None
-        else:
-            raise ValueError(f"{role} path {name!r} does not exist; pass a local checkpoint folder "
-                             "(config.json, *.safetensors, tokenizer files)")
-    if not p.is_dir():
-        raise ValueError(f"{role} path {str(p)!r} is not a folder; pass the checkpoint folder that holds config.json")
-    missing = [f for f in ("config.json",) if not (p / f).is_file()]
-    if not list(p.glob("*.safetensors")) and not list(p.glob("*.bin")):
-        missing.append("*.safetensors")
-    if missing:
-        raise ValueError(f"{role} folder {str(p)!r} is missing {missing}; a checkpoint folder needs config.json, "
-                         "weights (*.safetensors) and tokenizer files")
-    return p

@@ -19,7 +19,7 @@ def random_pair(log=print) -> tuple[Path, Path]:
     has no embedded trained pair (said so, loudly: it shows machinery, not speed)."""
     folder = _cache_dir() / "random-pair"
     if not (folder / "drafter" / "config.json").is_file():
-        from .tiny import build_random_pair
+        from .recipe.tiny import build_random_pair
 
         log(f"[diffuspec] no embedded trained pair in this install: building a small RANDOM pair in {folder}")
         build_random_pair(folder)
@@ -107,15 +107,15 @@ def cmd_build_proxy(args) -> int:
 def cmd_train(args) -> int:
     import dataclasses
 
-    from .train import PRESETS, run
-
-    from .train import install_pair
+    from .recipe.train import PRESETS, install_pair, run
 
     recipe = dataclasses.replace(PRESETS[args.preset], seed=args.seed, shakespeare=args.shakespeare)
     try:
         state = run(args.out, recipe)
-        if args.install:
-            for dest, size in install_pair(args.out, args.install).items():
+        if args.install:  # a source tree: the pair is package data, the AR drafter a benchmark baseline
+            root = Path(args.install)
+            sizes = install_pair(args.out, root / "diffuspec" / "pair", root / "benchmarks" / "models" / "ar_drafter")
+            for dest, size in sizes.items():
                 print(f"installed {dest}: {size / 1e6:.1f} MB")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,33 +68,35 @@ class CPSConfig:
         _check(0.0 <= self.lam <= 1.0, f"cps lam={self.lam!r} must be in [0, 1]; the paper uses 0.5")
 
 
+DRAFT_LENGTH_POLICIES = ("paper", "fixed")
+
+
 @dataclass(frozen=True)
 class ADLConfig:
-    # Adapt k per request; False drafts k_init tokens every round.
-    enabled: bool = True
+    # Which draft-length policy chooses each request's k (diffuspec.policy): "paper", the
+    # paper's adaptive draft length (§3.3); "fixed", k_init every round.
+    policy: str = "paper"
     # EMA rate ρ for the generated / accepted lengths (paper: 0.5).
     rho: float = 0.5
-    # Growth step δ when the accepted EMA keeps up with the generated EMA (paper: 10).
-    # The paper's step suits its 20..30 bounds; ours are narrower, so a smaller step.
+    # Growth step δ when the accepted EMA keeps up with the generated EMA (paper: 10). The
+    # paper's step suits its 20..30 bounds; ours are narrower, so a smaller step.
     delta: int = 4
-    # Draft-length bounds. Paper: 20..30 on an A100. Measured here (2-core x86 CPU, the
-    # embedded 25M-param target in float32, 200 cached tokens, python
-    # benchmarks/verify_cost.py, benchmarks/results/verify_cost_cpu.json): verifying 1 token
-    # 15 ms, 3..5 tokens ~25 ms, 10..17 tokens 28..33 ms, 24 tokens 35 ms. The steps from 1
-    # to ~4 tokens are the big ones, then the curve climbs slowly. Hence 4..16: long drafts
-    # pay (on HumanEval and MT-Bench alike, k_max=16 beat 8 and 6), a rejected tail is cheap.
+    # Draft-length bounds. Paper: 20..30 on an A100 with a 32B target. On a CPU, verifying
+    # many tokens is not free; 4..16 come from the measured verify-cost curve of the embedded
+    # target (docs/architecture.md, "Choosing k on a CPU"; benchmarks/results/verify_cost_cpu.json).
     k_min: int = 4
     k_max: int = 16
-    # k of a request's first round.
+    # k of a request's first round (and every round's, under the "fixed" policy).
     k_init: int = 8
     # Tokens a round may verify over the whole batch: each row's k is capped at
     # verify_budget // active_rows - 1 (0, plain decoding, when that is below 1); None: no
     # cap; "auto": 48 on a CPU, no cap on an accelerator. A CPU verifies compute-bound, so
-    # long drafts for a large batch cost more than they return (HumanEval here, tokens/s:
-    # batch 8, ar 192, k up to 16 214, k up to 4 286; batch 16, ar 222..241, k up to 16 166..169).
+    # long drafts for a large batch cost more than they return (docs/architecture.md).
     verify_budget: int | str | None = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.policy in DRAFT_LENGTH_POLICIES,
+               f"adl policy={self.policy!r} is not one of {list(DRAFT_LENGTH_POLICIES)}")
         _check(0.0 < self.rho <= 1.0, f"adl rho={self.rho!r} must be in (0, 1]; the paper uses 0.5")
         _check(self.delta >= 0, f"adl delta={self.delta!r} must be >= 0")
         _check(1 <= self.k_min <= self.k_max, f"adl needs 1 <= k_min <= k_max, got k_min={self.k_min!r}, k_max={self.k_max!r}")
@@ -152,9 +154,15 @@ class DiffuSpecConfig:
             if key in _SECTIONS:
                 if isinstance(value, _SECTIONS[key]):
                     value = dataclasses.asdict(value)
+                if key == "adl" and isinstance(value, str):  # adl="paper" | "fixed": the policy's name
+                    value = {"policy": value}
+                if key == "adl" and isinstance(value, Mapping) and "enabled" in value:
+                    # the earlier spelling of the fixed policy: adl={"enabled": False}
+                    value = {k: v for k, v in value.items() if k != "enabled"} | (
+                        {} if value["enabled"] else {"policy": "fixed"})
                 if not isinstance(value, Mapping):
-                    raise TypeError(f"config section {key!r} must be a dict or {_SECTIONS[key].__name__}, "
-                                    f"got {type(value).__name__}")
+                    raise TypeError(f"config section {key!r} must be a dict or {_SECTIONS[key].__name__}"
+                                    f"{' (or a policy name)' if key == 'adl' else ''}, got {type(value).__name__}")
                 for sub, sub_value in value.items():
                     if sub not in _section_fields(key):
                         raise TypeError(f"unknown config key {key}.{sub!r}; valid keys: {sorted(_section_fields(key))}")

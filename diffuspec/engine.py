@@ -1,22 +1,23 @@
 """The engine: rounds of draft → lattice → CPS → verify → accept, batched over requests.
 
-State per batch (device tensors): ``tokens [B, cap]`` holds each row's prompt + generated
-ids, ``lengths [B]`` how many are valid. The target's KV cache holds every token but the last
-one, which is fed again at the head of the next verify pass together with the path.
+A generation's state is a :class:`Batch`: on the target's device ``tokens [B, cap]`` holds
+each row's prompt + emitted ids and ``lengths [B]`` how many are valid; host mirrors of the
+lengths and of which rows are still active; the target's KV cache, which holds every token
+of a row but its newest one (fed again at the head of the next verify pass); the draft
+length policy and the proposer's per-generation state; per request, its output and stats.
 
-One round::
+One round, step by step (:meth:`SpeculativeEngine.generate`)::
 
-    k        = ADL per row (0 for finished rows; never more than the remaining budget - 1),
-               capped so the batch verifies at most verify_budget tokens
-    q        = drafter.draft(tokens, lengths, k)             [B, kmax, V]   one DLM pass
-    lattice  = build_lattice(log q)                          [B, kmax, M]
-    path     = search_path(lattice, proxy)                   [B, kmax]
-    logits   = target([last, path])                          [B, kmax+1, V] one AR pass
-                 (the first round feeds [prompt, path]: the prefill rides along)
-    n, next  = accept(logits, path)                          [B], [B]
-    emitted  = path[:n] + next ──▶ host (the round's one sync) ──▶ stop checks, stats
+    k        = policy.next_k(view)                     [B]            draft lengths (0: plain step)
+    proposal = proposer.propose(tokens, lengths, k)    [B, kmax]      one DLM pass + lattice + CPS
+    logits   = target([newest token, path])            [B, kmax+1, V] one AR pass
+                 (the first round feeds [prompt, path] when the prompts have one length)
+    n, next  = accept(logits, path)                    [B], [B]
+    commit:    tokens[b, lengths[b]:] = path[b, :n[b]] + [next[b]] ──▶ host (the round's one sync)
+    record:    stats, EOS / length / stop strings, policy.observe(outcome)
 
-With ``speculate=False`` the same loop runs with k = 0: plain AR decoding, one token a round.
+With ``speculate=False`` (or no drafter) the same loop runs with k = 0: plain AR decoding,
+one token a round.
 """
 
 from __future__ import annotations
@@ -26,89 +27,45 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adl import AdaptiveDraftLength, cap_for_batch, verify_budget
 from .config import DiffuSpecConfig, SamplingParams
+from .detokenize import Decode, StopFinder
 from .drafters.base import DiffusionDrafter
-from .propose import PathProposer
+from .policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
+from .propose import PathProposer, Proposal
 from .proxy import NGramModel
+from .stats import GenerationStats
 from .target import TargetRunner
 from .verify import accept_greedy, accept_sampling
 
 
 @dataclass
-class GenerationStats:
-    """Per-request statistics. Times are the batch's wall time for the rounds this request
-    took part in (a batched round is shared by its requests). The prompt's prefill is in
-    ``time_verify`` when the first round's verify pass runs it (prompts of one length), in
-    ``time_other`` when a separate prefill pass does."""
-
-    rounds: int = 0
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    draft_lengths: list[int] = field(default_factory=list)  # k chosen per round
-    drafted: list[int] = field(default_factory=list)        # path length proposed per round
-    accepted: list[int] = field(default_factory=list)       # path tokens accepted per round
-    accepted_at: list[int] = field(default_factory=list)    # [i]: rounds whose path position i was accepted
-    drafted_at: list[int] = field(default_factory=list)     # [i]: rounds whose path had a position i
-    time_draft: float = 0.0
-    time_search: float = 0.0
-    time_verify: float = 0.0
-    time_other: float = 0.0
-    wall_time: float = 0.0
-
-    @property
-    def tau(self) -> float:
-        """Tokens emitted per round, bonus token included (plain AR = 1.0)."""
-        return self.new_tokens / self.rounds if self.rounds else 0.0
-
-    @property
-    def acceptance_per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
-        d.update(tau=self.tau, acceptance_per_position=self.acceptance_per_position,
-                 tokens_per_second=self.tokens_per_second)
-        return d
+class RequestOutput:
+    token_ids: list[int]
+    finish_reason: str | None  # "eos", "length" or "stop" once finished
+    stats: GenerationStats
+    stop_text_end: int | None = None  # set when a stop string ended the request
+    stops: StopFinder | None = field(default=None, repr=False)
 
 
 @dataclass
-class RequestOutput:
-    token_ids: list[int]
-    finish_reason: str  # "eos", "length" or "stop"
-    stats: GenerationStats
-    stop_text_end: int | None = None  # set when a stop string ended the request
+class Batch:
+    """The state of one ``generate`` call: its rows, on the target's device unless noted."""
 
+    params: SamplingParams
+    tokens: torch.Tensor        # [B, cap] int64: prompt + emitted ids per row
+    lengths: torch.Tensor       # [B] int64: valid columns of `tokens` per row
+    lengths_cpu: torch.Tensor   # [B] int64 (CPU): host mirror of `lengths`
+    active_cpu: torch.Tensor    # [B] bool (CPU): rows still generating
+    runner: TargetRunner        # the target's KV cache: each row's tokens but its newest one
+    policy: DraftLengthPolicy | None
+    draft_state: object | None  # the proposer's per-generation state (drafter prefix cache)
+    prefill: int                # prompt columns the first verify pass feeds (0: none left to feed)
+    generator: torch.Generator | None
+    requests: list[RequestOutput]
 
-class StopChecker:
-    """Finds stop strings in a row's decoded generated text."""
-
-    def __init__(self, stop: tuple[str, ...], decode) -> None:
-        self.stop = stop
-        self.decode = decode
-
-    def find(self, token_ids: list[int]) -> tuple[int, int] | None:
-        """(tokens to keep, characters of text to keep) at the earliest stop string, or None.
-
-        The kept tokens are the fewest whose text contains the stop string; the kept text
-        ends where the stop string begins."""
-        text = self.decode(token_ids)
-        hits = [text.find(s) for s in self.stop if s in text]
-        if not hits:
-            return None
-        at = min(hits)
-        lo, hi = 1, len(token_ids)  # binary search: decoded prefixes grow monotonically
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if any(s in self.decode(token_ids[:mid]) for s in self.stop):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo, at
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
 
 
 class SpeculativeEngine:
@@ -140,139 +97,151 @@ class SpeculativeEngine:
         return self.config.speculate and self.drafter is not None
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, decode=None) -> list[RequestOutput]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None = None
+                 ) -> list[RequestOutput]:
         """Generate for a batch of token-id prompts. ``decode`` (ids → text) is needed only
         for stop strings."""
-        cfg, dev = self.config, self.device
-        b = len(prompts)
-        kcap = cfg.adl.k_max if self.speculating else 0
-        lengths_cpu = torch.tensor([len(p) for p in prompts], dtype=torch.int64)   # host mirror
+        t_start = time.perf_counter()
+        batch = self._start(prompts, params, decode)
+        setup = time.perf_counter() - t_start  # counted in each request's time_other
+        for r in batch.requests:
+            r.stats.time_other += setup
+        while bool(batch.active_cpu.any()):
+            t0 = time.perf_counter()
+            k = self._draft_lengths(batch)
+            proposal = self._propose(batch, k)
+            t_verify = time.perf_counter()
+            n_acc, next_token = self._verify(batch, proposal)
+            host = self._commit(batch, proposal, n_acc, next_token)
+            t_verify = time.perf_counter() - t_verify
+            self._record(batch, k, proposal, host, t_verify, t0)
+        return batch.requests
+
+    # ------------------------------------------------------------------ set-up
+    def _start(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None) -> Batch:
+        """Buffers for the batch, the target's cache, and the prompts' prefill when the
+        first verify pass cannot carry it."""
+        dev, b = self.device, len(prompts)
+        kcap = self.config.adl.k_max if self.speculating else 0
+        lengths_cpu = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         cap = int(lengths_cpu.max()) + params.max_new_tokens + kcap + 2
         tokens_cpu = torch.zeros(b, cap, dtype=torch.int64)
         for i, p in enumerate(prompts):
             tokens_cpu[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        tokens = tokens_cpu.to(dev)  # [B, cap]: prompt + generated ids per row
-        lengths = lengths_cpu.to(dev)
+        tokens = tokens_cpu.to(dev)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=dev)
             generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
-
-        start_wall = time.perf_counter()
         runner = TargetRunner(self.target, b, cap)
         longest = int(lengths_cpu.max())
         # Prompts of one length (a single prompt included) are prefilled by the first round's
-        # verify pass; otherwise a prefill pass runs first, over all but each row's last token.
-        prefill_in_round = longest > 1 and bool((lengths_cpu == longest).all())
-        if longest > 1 and not prefill_in_round:
+        # verify pass; otherwise a prefill pass runs now, over all but each row's last token.
+        prefill = longest - 1 if longest > 1 and bool((lengths_cpu == longest).all()) else 0
+        if longest > 1 and not prefill:
             runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), keep=1)
-        adl = AdaptiveDraftLength(b, cfg.adl)  # on the CPU: its state is host metadata
-        budget = verify_budget(cfg.adl, dev)
-        drafter_state = self.drafter.new_state(b, cap) if self.speculating else None
-        stopper = StopChecker(params.stop, decode) if params.stop else None
-        prefill = time.perf_counter() - start_wall
+        policy = make_policy(b, self.config.adl, dev) if self.speculating else None
+        if params.stop and decode is None:
+            raise ValueError("stop strings need a decode function (ids → text)")
+        requests = [RequestOutput([], None, GenerationStats(prompt_tokens=len(p)),
+                                  stops=StopFinder(params.stop, decode) if params.stop else None) for p in prompts]
+        return Batch(params=params, tokens=tokens, lengths=lengths_cpu.to(dev), lengths_cpu=lengths_cpu,
+                     active_cpu=torch.ones(b, dtype=torch.bool), runner=runner, policy=policy,
+                     draft_state=self.proposer.new_state(b, cap) if self.speculating else None, prefill=prefill,
+                     generator=generator, requests=requests)
 
-        out_ids: list[list[int]] = [[] for _ in range(b)]
-        finish: list[str | None] = [None] * b
-        stop_end: list[int | None] = [None] * b
-        stats = [GenerationStats(prompt_tokens=len(p), time_other=prefill) for p in prompts]
-        active_cpu = torch.ones(b, dtype=torch.bool)
-        drafted_at = torch.zeros(b, kcap, dtype=torch.int64)
-        accepted_at = torch.zeros(b, kcap, dtype=torch.int64)
+    # ------------------------------------------------------------------ the round's steps
+    def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
+        """Each row's k: the policy's choice, at most the tokens the row may still emit − 1."""
+        if batch.policy is None:
+            return torch.zeros(batch.rows, dtype=torch.int64)
+        emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
+        room = batch.params.max_new_tokens - emitted - 1
+        return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
 
-        while bool(active_cpu.any()):
-            t0 = time.perf_counter()
-            remaining = torch.tensor([params.max_new_tokens - len(o) for o in out_ids])
-            k_cpu = torch.zeros(b, dtype=torch.int64)
-            if self.speculating:
-                k_cpu = torch.where(active_cpu, torch.minimum(adl.next_k(), remaining - 1).clamp(min=0), k_cpu)
-                k_cpu = cap_for_batch(k_cpu, int(active_cpu.sum()), budget)
-            kmax = int(k_cpu.max())
-            t_draft = t_search = 0.0
-            if kmax > 0:
-                prop = self.proposer.propose(tokens, lengths_cpu, k_cpu, drafter_state)
-                path, path_len, gen_len, t_draft, t_search = (prop.path, prop.path_len, prop.gen_len,
-                                                              prop.time_draft, prop.time_search)
-            else:
-                path = torch.zeros(b, 0, dtype=torch.int64, device=dev)
-                path_len = gen_len = torch.zeros(b, dtype=torch.int64, device=dev)
+    def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
+        if int(k.max()) == 0:
+            return Proposal.empty(batch.rows, self.device)
+        return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
 
-            t2 = time.perf_counter()
-            active = active_cpu.to(dev)
-            last = tokens.gather(1, (lengths - 1)[:, None])
-            if prefill_in_round:  # the first round: the whole prompt, then the path
-                prefill_in_round = False
-                logits = runner.forward(torch.cat([tokens[:, : longest - 1], last, path], dim=1),
-                                        torch.zeros(b, dtype=torch.int64), keep=kmax + 1)
-            else:
-                logits = runner.forward(torch.cat([last, path], dim=1), lengths_cpu - 1)
-            logits = logits[..., : self.emit_vocab]
-            if params.greedy:
-                n_acc, nxt = accept_greedy(logits, path, path_len)
-            else:
-                n_acc, nxt = accept_sampling(logits, path, path_len, params.temperature, params.top_k,
-                                             params.top_p, generator)
-            n_acc = torch.where(active, n_acc, torch.zeros_like(n_acc))
-            emitted = torch.cat([path, path.new_zeros(b, 1)], dim=1)
-            emitted.scatter_(1, n_acc[:, None], nxt[:, None])                       # [B, kmax+1]
-            # Device-side state for the next round: append the emitted tokens.
-            cols = torch.arange(kmax + 1, device=dev)[None, :]
-            write = (lengths[:, None] + cols).clamp(max=cap - 1)
-            keep = (cols <= n_acc[:, None]) & active[:, None]
-            tokens.scatter_(1, write, torch.where(keep, emitted, tokens.gather(1, write)))
-            lengths = lengths + torch.where(active, n_acc + 1, torch.zeros_like(n_acc))
-            t_verify = time.perf_counter() - t2
+    def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target pass over each row's ``[newest token, path]`` (with the prompt in front
+        on a first round that carries the prefill); returns accepted counts and next tokens,
+        [B] int64 each (device; 0 accepted for finished rows)."""
+        path, b = proposal.path, batch.rows
+        last = batch.tokens.gather(1, (batch.lengths - 1)[:, None])                        # [B, 1]
+        if batch.prefill:  # the first round: the whole prompt, then the path, from column 0
+            inputs = torch.cat([batch.tokens[:, : batch.prefill], last, path], dim=1)
+            logits = batch.runner.forward(inputs, torch.zeros(b, dtype=torch.int64), keep=path.shape[1] + 1)
+            batch.prefill = 0
+        else:
+            logits = batch.runner.forward(torch.cat([last, path], dim=1), batch.lengths_cpu - 1)
+        logits = logits[..., : self.emit_vocab]                                             # [B, kmax+1, V]
+        params = batch.params
+        if params.greedy:
+            n_acc, next_token = accept_greedy(logits, path, proposal.path_len)
+        else:
+            n_acc, next_token = accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k,
+                                                params.top_p, batch.generator)
+        active = batch.active_cpu.to(self.device)
+        return torch.where(active, n_acc, torch.zeros_like(n_acc)), next_token
 
-            # The round's one device→host transfer.
-            host = torch.cat([n_acc[:, None], path_len[:, None], gen_len[:, None], emitted], dim=1).cpu()
-            n_cpu, plen_cpu, glen_cpu = host[:, 0], host[:, 1], host[:, 2]
-            lengths_cpu = lengths_cpu + torch.where(active_cpu, n_cpu + 1, torch.zeros_like(n_cpu))
-            if self.speculating:
-                adl.update(glen_cpu, n_cpu, active_cpu & (k_cpu > 0))
-                pos = torch.arange(kcap)[None, :]
-                drafted_at += (pos < plen_cpu[:, None]) & active_cpu[:, None]
-                accepted_at += (pos < n_cpu[:, None]) & active_cpu[:, None]
-            round_time = time.perf_counter() - t0
-            rows = host.tolist()
-            for i in range(b):
-                if not active_cpu[i]:
-                    continue
-                n, plen = rows[i][0], rows[i][1]
-                st = stats[i]
-                st.rounds += 1
-                st.draft_lengths.append(int(k_cpu[i]))
-                st.drafted.append(plen)
-                st.accepted.append(n)
-                st.time_draft += t_draft
-                st.time_search += t_search
-                st.time_verify += t_verify
-                st.time_other += round_time - t_draft - t_search - t_verify
-                finish[i], stop_end[i] = self._append(out_ids[i], rows[i][3: 3 + n + 1], params, stopper)
-                if finish[i] is not None:
-                    active_cpu[i] = False
+    def _commit(self, batch: Batch, proposal: Proposal, n_acc: torch.Tensor, next_token: torch.Tensor
+                ) -> torch.Tensor:
+        """Append each active row's accepted path tokens and its next token to ``tokens``;
+        return the round's one host copy, ``[B, 3 + kmax + 1]``: n_acc, path length, L_gen,
+        then the emitted tokens.
 
-        for i, st in enumerate(stats):
-            st.new_tokens = len(out_ids[i])
-            st.wall_time = st.time_draft + st.time_search + st.time_verify + st.time_other
-            used = max(st.drafted, default=0)
-            st.drafted_at = drafted_at[i, :used].tolist()
-            st.accepted_at = accepted_at[i, :used].tolist()
-        return [RequestOutput(out_ids[i], finish[i], stats[i], stop_end[i]) for i in range(b)]
+        Worked example, one row: path ``[a b c d]``, n_acc 2, next x → emitted
+        ``[a b x · ·]`` (columns past n_acc are not kept), written at ``lengths[b] ..
+        lengths[b] + 2``; the row's length grows by n_acc + 1 = 3."""
+        path, b, dev = proposal.path, batch.rows, self.device
+        kmax = path.shape[1]
+        active = batch.active_cpu.to(dev)
+        emitted = torch.cat([path, path.new_zeros(b, 1)], dim=1)
+        emitted.scatter_(1, n_acc[:, None], next_token[:, None])                          # [B, kmax+1]
+        cols = torch.arange(kmax + 1, device=dev)[None, :]
+        write = (batch.lengths[:, None] + cols).clamp(max=batch.tokens.shape[1] - 1)      # [B, kmax+1]
+        keep = (cols <= n_acc[:, None]) & active[:, None]
+        batch.tokens.scatter_(1, write, torch.where(keep, emitted, batch.tokens.gather(1, write)))
+        batch.lengths = batch.lengths + torch.where(active, n_acc + 1, torch.zeros_like(n_acc))
+        return torch.cat([n_acc[:, None], proposal.path_len[:, None], proposal.gen_len[:, None], emitted], dim=1).cpu()
 
-    def _append(self, out: list[int], new: list[int], params: SamplingParams, stopper: StopChecker | None):
-        """Append a round's tokens to one request; return (finish reason or None, stop text end)."""
-        reason = None
+    def _record(self, batch: Batch, k: torch.Tensor, proposal: Proposal, host: torch.Tensor, t_verify: float,
+                t0: float) -> None:
+        """Host bookkeeping: lengths, the policy's observation, per-request stats and stops."""
+        n_cpu, path_len, gen_len = host[:, 0], host[:, 1], host[:, 2]
+        active = batch.active_cpu
+        batch.lengths_cpu = batch.lengths_cpu + torch.where(active, n_cpu + 1, torch.zeros_like(n_cpu))
+        if batch.policy is not None:
+            batch.policy.observe(RoundOutcome(k=k, generated=gen_len, drafted=path_len, accepted=n_cpu))
+        t_draft, t_search = proposal.time_draft, proposal.time_search
+        t_other = time.perf_counter() - t0 - t_draft - t_search - t_verify
+        for i, row in enumerate(host.tolist()):
+            if not active[i]:
+                continue
+            req = batch.requests[i]
+            n = row[0]
+            req.stats.observe_round(int(k[i]), row[1], n, t_draft, t_search, t_verify, t_other)
+            if self._append(req, row[3: 3 + n + 1], batch.params):
+                active[i] = False
+
+    def _append(self, req: RequestOutput, new: list[int], params: SamplingParams) -> bool:
+        """Append a round's tokens to one request; return whether it finished."""
+        out = req.token_ids
         out.extend(new)
         if self.eos_token_id is not None and self.eos_token_id in new:
             del out[len(out) - len(new) + new.index(self.eos_token_id) + 1:]
-            reason = "eos"
+            req.finish_reason = "eos"
         if len(out) >= params.max_new_tokens:
             del out[params.max_new_tokens:]
-            reason = reason or "length"
-        if stopper is not None:
-            hit = stopper.find(out)
+            req.finish_reason = req.finish_reason or "length"
+        kept_new = len(out) - req.stats.new_tokens
+        req.stats.new_tokens = len(out)
+        if req.stops is not None and kept_new > 0:
+            hit = req.stops.find(out, kept_new)
             if hit is not None:
                 del out[hit[0]:]
-                return "stop", hit[1]
-        return reason, None
-
+                req.stats.new_tokens = len(out)
+                req.finish_reason, req.stop_text_end = "stop", hit[1]
+        return req.finish_reason is not None

@@ -5,6 +5,10 @@ smallest top prefix whose cumulative mass reaches ``mass`` (so a confident posit
 token, an uncertain one up to ``max_candidates``). EOS is kept whenever
 ``q_i(EOS) >= eos_min_prob``, and the lattice ends after the first position whose set
 contains EOS: every path then has the same length, so path scores compare fairly.
+
+The lattice also carries the drafter's raw draft length ``gen_len`` (its argmax draft up
+to the first EOS, ``L_gen`` of the paper's ADL), so draft-length policies read it from the
+proposal instead of reaching into the drafter's output.
 """
 
 from __future__ import annotations
@@ -22,9 +26,27 @@ class Lattice:
     logq: torch.Tensor    # [B, k, M] float drafter log-probabilities (-inf where not valid)
     valid: torch.Tensor   # [B, k, M] bool
     length: torch.Tensor  # [B] int64 positions in use per row (<= k[b], cut after EOS)
+    gen_len: torch.Tensor  # [B] int64 L_gen: the raw argmax draft's length up to its first EOS (<= k[b])
 
     def argmax_path(self) -> torch.Tensor:  # [B, k] int64
         return self.tokens[:, :, 0]
+
+
+def first_index(hit: torch.Tensor) -> torch.Tensor:
+    """[B, k] bool → [B] int64: the first column where ``hit`` holds, k where it never does."""
+    kmax = hit.shape[1]
+    idx = torch.arange(kmax, device=hit.device).expand_as(hit)
+    return torch.where(hit, idx, torch.full_like(idx, kmax)).min(-1).values
+
+
+def generated_length(
+    argmax: torch.Tensor,  # [B, k] int64: the drafter's raw argmax draft
+    k: torch.Tensor,       # [B] int64
+    eos_token_id: int | None,
+) -> torch.Tensor:         # [B] int64: L_gen = min(first-EOS index, k)
+    if eos_token_id is None:
+        return k.clone()
+    return torch.minimum(first_index(argmax == eos_token_id), k)
 
 
 def build_lattice(
@@ -50,13 +72,11 @@ def build_lattice(
         top_logq = torch.cat([top_logq, eos_logq[..., None]], dim=-1)
         keep = torch.cat([keep, add_eos[..., None]], dim=-1)
         has_eos = (eos_kept | add_eos) & position_ok
-        # First EOS position + 1, or k when no position holds EOS.
-        idx = torch.arange(kmax, device=logq.device).expand(b, kmax)
-        first_eos = torch.where(has_eos, idx, torch.full_like(idx, kmax)).min(-1).values
-        length = torch.minimum(k, first_eos + 1)
+        length = torch.minimum(k, first_index(has_eos) + 1)  # first EOS position + 1, or k
     else:
         length = k.clone()
+    gen_len = generated_length(top_tok[..., 0], k, eos_token_id)
 
     valid = keep & (torch.arange(kmax, device=logq.device)[None, :, None] < length[:, None, None])
     top_logq = top_logq.masked_fill(~valid, float("-inf"))
-    return Lattice(tokens=top_tok, logq=top_logq, valid=valid, length=length)
+    return Lattice(tokens=top_tok, logq=top_logq, valid=valid, length=length, gen_len=gen_len)

@@ -1,7 +1,8 @@
 """The proposal half of a round: draft → lattice → CPS, for a batch of prefixes.
 
-Shared by the engine and the vLLM adapter, so the algorithm exists once. The caller owns
-the per-request draft lengths (ADL) and the verification.
+Shared by the engine and the vLLM adapter, so the algorithm exists once. The caller chooses
+each row's draft length (a :mod:`diffuspec.policy`) and verifies the path; what a policy
+learns from the proposal (the drafter's raw draft length) rides in the :class:`Proposal`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .adl import generated_length
 from .config import DiffuSpecConfig
 from .cps import search_path
 from .drafters.base import DiffusionDrafter
@@ -21,11 +21,17 @@ from .proxy import CausalProxy, NGramModel
 
 @dataclass
 class Proposal:
-    path: torch.Tensor      # [B, kmax] int64 (device): the path to verify
+    path: torch.Tensor      # [B, kmax] int64 (device): the path to verify; kmax = max k of the round
     path_len: torch.Tensor  # [B] int64 (device): valid path tokens per row (<= k[b])
-    gen_len: torch.Tensor   # [B] int64 (device): L_gen for ADL (raw argmax draft up to its EOS)
+    gen_len: torch.Tensor   # [B] int64 (device): L_gen, the raw argmax draft up to its EOS (ADL's input)
     time_draft: float
     time_search: float
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device) -> "Proposal":
+        """No row drafts: the round decodes plainly."""
+        none = torch.zeros(rows, dtype=torch.int64, device=device)
+        return cls(torch.zeros(rows, 0, dtype=torch.int64, device=device), none, none, 0.0, 0.0)
 
 
 class PathProposer:
@@ -37,6 +43,10 @@ class PathProposer:
         self.emit_vocab = emit_vocab  # ids >= this are never drafted (the target cannot emit them)
         self.proxy_table = proxy_table
         self._bias: torch.Tensor | None = None
+
+    def new_state(self, rows: int, capacity: int):
+        """Per-generation state carried across rounds (the drafter's prefix cache), or None."""
+        return self.drafter.new_state(rows, capacity)
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """Mask ids the target cannot emit, and the mask token itself; normalise."""
@@ -51,10 +61,10 @@ class PathProposer:
     @torch.inference_mode()
     def propose(
         self,
-        tokens: torch.Tensor,      # [B, T] int64 (device): row b's prefix is tokens[b, :lengths[b]]
+        tokens: torch.Tensor,       # [B, T] int64 (device): row b's prefix is tokens[b, :lengths[b]]
         lengths_cpu: torch.Tensor,  # [B] int64 (CPU)
-        k_cpu: torch.Tensor,       # [B] int64 (CPU), max >= 1
-        state=None,                # drafter.new_state(...) of this generation (prefix cache), or None
+        k_cpu: torch.Tensor,        # [B] int64 (CPU), max >= 1; rows with 0 propose nothing
+        state=None,                 # new_state(...) of this generation (prefix cache), or None
     ) -> Proposal:
         cfg, dev = self.config, tokens.device
         t0 = time.perf_counter()
@@ -63,17 +73,16 @@ class PathProposer:
         context = room if cfg.drafter_context is None else min(cfg.drafter_context, room)
         logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context, state))  # [B, kmax, V]
         t1 = time.perf_counter()
-        k = k_cpu.to(dev)
-        lattice = build_lattice(logq, k, self.eos_token_id, cfg.lattice)
+        lattice = build_lattice(logq, k_cpu.to(dev), self.eos_token_id, cfg.lattice)
         if cfg.cps.enabled:
             lengths = lengths_cpu.to(dev)
             proxy = CausalProxy(NGramModel.fit(tokens, lengths, cfg.proxy.order, self.emit_vocab),
                                 self.proxy_table, cfg.proxy.corpus_weight)
+            # The proxy's context for each row: its last order-1 prefix tokens, -1 before the start.
             hist = proxy.order - 1
-            tail_idx = lengths[:, None] - hist + torch.arange(hist, device=dev)[None, :]
+            tail_idx = lengths[:, None] - hist + torch.arange(hist, device=dev)[None, :]       # [B, hist]
             tail = torch.where(tail_idx >= 0, tokens.gather(1, tail_idx.clamp(min=0)), torch.full_like(tail_idx, -1))
             path = search_path(lattice, proxy, tail, cfg.cps)
         else:
             path = lattice.argmax_path()
-        gen_len = generated_length(logq.argmax(-1), k, self.eos_token_id)
-        return Proposal(path, lattice.length, gen_len, t1 - t0, time.perf_counter() - t1)
+        return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)

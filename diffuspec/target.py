@@ -1,10 +1,8 @@
-"""The AR target behind a preallocated, per-row KV cache.
+"""The AR target behind a preallocated, per-row KV cache (:class:`~diffuspec.kvcache.RaggedKVCache`).
 
-Rows of a batch advance by different amounts each round (each keeps its own accepted
-prefix), so the cache stores row b's tokens in columns ``[0, length[b])`` and a forward pass
-writes each row's new tokens at that row's own columns. Rejected tokens are "trimmed" by not
-advancing ``length``: their slots are overwritten next round and never attended to, and the
-accepted prefix is never recomputed.
+Each row's cache holds its accepted tokens in columns ``[0, start[b])``; a pass over ``[B, n]``
+new tokens writes them at ``start[b] .. start[b] + n - 1`` and attends causally through an
+explicit 4-D mask, so rows of different lengths share one batched forward.
 
 It works with any transformers causal LM whose attention layers call
 ``past_key_values.update(key, value, layer_idx)`` and take a prepared 4-D mask as it is (Llama,
@@ -15,44 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-class RaggedKVCache:
-    """Duck-typed ``transformers`` cache with per-row write positions."""
-
-    is_compileable = False
-
-    def __init__(self, batch: int, capacity: int) -> None:
-        self.batch = batch
-        self.capacity = capacity
-        self.keys: list[torch.Tensor | None] = []
-        self.values: list[torch.Tensor | None] = []
-        self.write_pos: torch.Tensor | None = None  # [B, n] columns of this forward's tokens
-        self.visible = 0                            # columns returned to attention
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        # key_states: [B, kv_heads, n, head_dim]
-        while len(self.keys) <= layer_idx:
-            self.keys.append(None)
-            self.values.append(None)
-        if self.keys[layer_idx] is None:
-            b, h, _, d = key_states.shape
-            shape = (b, h, self.capacity, d)
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros(shape)
-        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        rows = torch.arange(k_buf.shape[0], device=k_buf.device)[:, None]
-        # Padding queries of short rows (and rows already finished) can run past the end;
-        # their keys are garbage that no real query reads, so they may share the last slot.
-        pos = self.write_pos.clamp(max=self.capacity - 1)
-        k_buf[rows, :, pos] = key_states.transpose(1, 2)
-        v_buf[rows, :, pos] = value_states.transpose(1, 2)
-        return k_buf[:, :, : self.visible], v_buf[:, :, : self.visible]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.visible
-
-    def __len__(self) -> int:
-        return len(self.keys)
+from .kvcache import RaggedKVCache
 
 
 class TargetRunner:

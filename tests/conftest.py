@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffuspec.drafters import DiffusionDrafter
-from diffuspec.tiny import build_random_pair
+from diffuspec.recipe.tiny import build_random_pair
 
 torch.set_num_threads(2)
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from diffuspec.adl import AdaptiveDraftLength, generated_length
-from diffuspec.config import ADLConfig, CPSConfig, LatticeConfig
+from diffuspec.adl import AdaptiveDraftLength
+from diffuspec.config import ADLConfig, CPSConfig, DiffuSpecConfig, LatticeConfig
+from diffuspec.policy import make_policy
 from diffuspec.cps import search_path
-from diffuspec.lattice import build_lattice
+from diffuspec.lattice import build_lattice, generated_length
 from diffuspec.proxy import CausalProxy, NGramModel
 from diffuspec.verify import accept_greedy, warp_logits
 
@@ -171,11 +172,11 @@ def test_adl_follows_the_paper_recurrence():
     assert adl.next_k().tolist() == [10, 5]
     clipped = AdaptiveDraftLength(1, ADLConfig(k_min=4, k_max=6, k_init=6))
     assert clipped.next_k().tolist() == [6]
-    assert AdaptiveDraftLength(1, ADLConfig(enabled=False, k_init=5)).next_k().tolist() == [5]
+    assert make_policy(1, ADLConfig(policy="fixed", k_init=5)).next_k().tolist() == [5]
 
 
 def test_verify_budget_per_batch():
-    from diffuspec.adl import CPU_VERIFY_BUDGET, cap_for_batch, verify_budget
+    from diffuspec.policy import CPU_VERIFY_BUDGET, cap_for_batch, verify_budget
 
     k = torch.tensor([16, 3, 9])
     assert cap_for_batch(k, 3, 48).tolist() == [15, 3, 9]   # 48 // 3 - 1
@@ -186,6 +187,40 @@ def test_verify_budget_per_batch():
     assert verify_budget(ADLConfig(), "cuda") is None and verify_budget(ADLConfig(verify_budget=64), "cuda") == 64
     with pytest.raises(ValueError, match="verify_budget=1 must be an int >= 2"):
         ADLConfig(verify_budget=1)
+
+
+def test_policies_share_the_round_limits():
+    """Every policy is bounded the same way: room per row, inactive rows, the verify budget."""
+    from diffuspec.policy import FixedDraftLength, RoundOutcome, RoundView
+
+    cfg = ADLConfig(k_min=2, k_max=12, k_init=8)
+    view = RoundView(active=torch.tensor([True, True, False, True]), room=torch.tensor([20, 3, 20, 0]))
+    for policy in (FixedDraftLength(4, cfg, budget=None), AdaptiveDraftLength(4, cfg, budget=None)):
+        assert policy.next_k(view).tolist() == [policy.wanted()[0].item(), 3, 0, 0]
+    assert FixedDraftLength(4, cfg, budget=12).next_k(view).tolist() == [3, 3, 0, 0]  # 12 // 3 active - 1
+    fixed = make_policy(2, ADLConfig(policy="fixed", k_init=5), "cpu")
+    fixed.observe(RoundOutcome(*(torch.tensor([5, 5]),) * 2, torch.tensor([5, 5]), torch.tensor([0, 0])))
+    assert fixed.next_k().tolist() == [5, 5] and fixed.export_rows() == [{}, {}]
+
+
+def test_adl_rows_move_between_batches():
+    """export_rows / load_rows carry a request's ADL state to another batch row (vLLM)."""
+    from diffuspec.policy import RoundOutcome
+
+    cfg = ADLConfig(k_min=2, k_max=20, k_init=8)
+    a = make_policy(2, cfg, "cuda")
+    assert isinstance(a, AdaptiveDraftLength) and a.budget is None  # no verify cap on an accelerator
+    a.observe(RoundOutcome(k=torch.tensor([8, 0]), generated=torch.tensor([2, 9]), drafted=torch.tensor([2, 0]),
+                           accepted=torch.tensor([1, 0])))
+    rows = a.export_rows()
+    assert rows[0] == {"gen_ema": 5.0, "acc_ema": 4.5} and rows[1] == {"gen_ema": 8.0, "acc_ema": 8.0}
+    b = make_policy(3, cfg, "cpu")
+    b.load_rows([None, rows[0], rows[1]])
+    assert b.next_k().tolist() == [12, 5, 12]
+    assert DiffuSpecConfig.from_kwargs(adl="fixed").adl.policy == "fixed"
+    assert DiffuSpecConfig.from_kwargs(adl={"enabled": False}).adl.policy == "fixed"  # the earlier spelling
+    with pytest.raises(ValueError, match="adl policy='nope' is not one of"):
+        DiffuSpecConfig.from_kwargs(adl="nope")
 
 
 def test_generated_length_stops_at_first_eos():

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from diffuspec import DiffuSpec, DiffuSpecConfig
 from diffuspec.drafters import load_drafter
-from diffuspec.tiny import train_tokenizer
+from diffuspec.recipe.tiny import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from diffuspec import DiffuSpec
 from diffuspec.drafters import load_drafter
 from diffuspec.proxy import NGramModel
-from diffuspec.train import PRESETS, is_heldout, run
+from diffuspec.recipe.train import PRESETS, is_heldout, run
 
 
 def test_tiny_recipe_end_to_end(tmp_path):

@@ -94,7 +94,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from diffuspec.adl import AdaptiveDraftLength  # noqa: E402
-from diffuspec.tiny import build_random_pair  # noqa: E402
+from diffuspec.recipe.tiny import build_random_pair  # noqa: E402
 from diffuspec_vllm.plugin import translate  # noqa: E402
 from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestState, RequestStates  # noqa: E402
 
@@ -342,7 +342,7 @@ def test_state_follows_the_request_when_rows_move(proposer_pair):
                torch.tensor([state_b.k > 0, state_a.k > 0]))
     for context, gen_ema, acc_ema in zip([b2, a2], adl.gen_ema.tolist(), adl.acc_ema.tolist()):
         state = proposer.states._states[RequestStates.fingerprint(np.array(context, dtype=np.int32))]
-        assert (state.gen_ema, state.acc_ema) == pytest.approx((gen_ema, acc_ema))
+        assert (state.policy["gen_ema"], state.policy["acc_ema"]) == pytest.approx((gen_ema, acc_ema))
     assert len(proposer.states) == 2  # the previous step's states were consumed
 
 
@@ -377,7 +377,7 @@ def test_drafter_caches_stay_under_their_budget():
 
     def state(tokens: int) -> RequestState:
         kv = RowCache([torch.zeros(2, tokens, 4)], [torch.zeros(2, tokens, 4)])  # 64 bytes a token
-        return RequestState(gen_ema=4.0, acc_ema=4.0, k=4, path_len=4, gen_len=4, drafter_kv=kv)
+        return RequestState(policy={"gen_ema": 4.0, "acc_ema": 4.0}, k=4, path_len=4, gen_len=4, drafter_kv=kv)
 
     states = RequestStates(capacity=3, cache_bytes=64 * 25)
     states.put(b"a", state(10))
@@ -468,7 +468,7 @@ def test_startup_errors(case, proposer_pair, mismatched_drafter, plugin_register
     if case == "unknown_path":
         spec["model"], match = "/no/such/drafter", "/no/such/drafter"
     elif case == "mismatched_tokenizer":
-        spec["model"], match = str(mismatched_drafter), "tokenizer that disagrees"
+        spec["model"], match = str(mismatched_drafter), "tokenizer disagrees"
     elif case == "zero_tokens":
         spec["num_speculative_tokens"], match = 0, "num_speculative_tokens=0"
     elif case == "causal_drafter":

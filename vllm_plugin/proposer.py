@@ -9,7 +9,8 @@ vLLM (V1 model runner) builds ``DiffuSpecProposer(vllm_config)``, calls
 and verifies the drafts itself (its rejection sampler treats a draft without probabilities as
 a point mass, which keeps the output exact at every temperature). This module only
 translates: the algorithm (one batched drafter pass → lattice → CPS → path, and ADL) is
-:class:`diffuspec.propose.PathProposer` and :class:`diffuspec.adl.AdaptiveDraftLength`.
+:class:`diffuspec.propose.PathProposer` and a :mod:`diffuspec.policy` draft-length policy, and
+loading and validation are :mod:`diffuspec.loading`, as in the Python API.
 
 Terms:
 
@@ -17,7 +18,7 @@ Terms:
   between steps, and vLLM passes no request ids.
 - *context*: a row's prompt + generated tokens, ``token_ids_cpu[row, :num_tokens_no_spec[row]]``
   (the tokens sampled this step already included).
-- *request state*: per request, the ADL moving averages, what was proposed last step and,
+- *request state*: per request, its draft-length policy's row state, what was proposed last step and,
   for a drafter with a prefix cache, the drafter's keys/values of the context. It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
   it again by fingerprinting its context minus the tokens it just sampled: that is exactly
   the context of its previous proposal, whatever row the request moved to. Two requests with
@@ -45,11 +46,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffuspec.adl import AdaptiveDraftLength, cap_for_batch, verify_budget
+from diffuspec import loading
 from diffuspec.config import DiffuSpecConfig
-from diffuspec.drafters import RowCache, inspect_drafter_folder, load_drafter, quantize_int8, set_prefix_cache
+from diffuspec.drafters import RowCache, load_drafter
+from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from diffuspec.propose import PathProposer
-from diffuspec.proxy import NGramModel
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
 logger = logging.getLogger("vllm.diffuspec_vllm")
@@ -100,17 +101,21 @@ def resolve_settings(
 
     target = Path(str(model_config.model))
     if drafter is None:
-        drafter, table = _embedded_default(target)
-        if config.proxy_table is None and table is not None:
-            config = config.replace(proxy_table=str(table))
-    drafter_path = _check_drafter_folder(drafter)
-    if config.proxy_table is not None and not Path(config.proxy_table).is_file():
-        raise ValueError(f"additional_config[{OPTIONS_KEY!r}]['proxy_table']={config.proxy_table!r} is not a file; "
-                         "build a table with `diffuspec build-proxy` or drop the key")
+        embedded = loading.embedded_drafter_for(target)
+        if embedded is None:
+            raise ValueError("no drafter given: pass the drafter folder as the short form's \"model\" "
+                             "(--speculative-config '{\"method\": \"diffuspec\", \"model\": DRAFTER, ...}') or as "
+                             f"--additional-config '{{\"{OPTIONS_KEY}\": {{\"{DRAFTER_KEY}\": DRAFTER}}}}'")
+        drafter, table = embedded
+        config = loading.with_default_table(config, table, options)
+    drafter_path = loading.resolve_drafter_folder(drafter)
+    try:
+        loading.check_proxy_table(config)
+    except ValueError as exc:
+        raise ValueError(f"additional_config[{OPTIONS_KEY!r}]: {exc}") from None
 
-    target_vocab = int(model_config.get_vocab_size())
-    eos, tokenizer_len = _check_tokenizers(model_config, drafter_path)
-    emit_vocab = min(target_vocab, tokenizer_len) if tokenizer_len else target_vocab
+    eos, tokenizer = _check_tokenizers(model_config, drafter_path)
+    emit_vocab = loading.emit_vocab(int(model_config.get_vocab_size()), tokenizer)
     return ProposerSettings(drafter_path=drafter_path, config=config, num_speculative_tokens=k,
                             eos_token_id=eos, emit_vocab=emit_vocab, max_model_len=int(model_config.max_model_len))
 
@@ -134,72 +139,35 @@ def _fit_draft_length(config: DiffuSpecConfig, k: int, options: Mapping[str, Any
     return config.replace(adl={"k_max": k_max, "k_min": k_min, "k_init": k_init})
 
 
-def _embedded_default(target: Path) -> tuple[Path, Path | None]:
-    """The embedded drafter (and corpus table) when the target is the embedded target."""
-    from diffuspec import assets
-
-    pair = assets.embedded_pair()
-    if pair is not None and target.exists() and target.resolve() == pair[0].resolve():
-        return pair[1], assets.embedded_proxy_table()
-    raise ValueError("no drafter given: pass the drafter folder as the short form's \"model\" "
-                     "(--speculative-config '{\"method\": \"diffuspec\", \"model\": DRAFTER, ...}') or as "
-                     f"--additional-config '{{\"{OPTIONS_KEY}\": {{\"{DRAFTER_KEY}\": DRAFTER}}}}'")
-
-
-def _check_drafter_folder(drafter: Any) -> Path:
-    """A Dream/LLaDA folder: config.json, a diffusion model type, weights present."""
-    path = Path(str(drafter)).expanduser()
-    inspect_drafter_folder(path)  # ValueError / TypeError (a causal LM) naming the folder
-    return path.resolve()
-
-
-def _check_tokenizers(model_config: Any, drafter_path: Path) -> tuple[int | None, int | None]:
-    """Compare the target's and the drafter's token → id maps. Returns (eos id, target
-    tokenizer length); (config eos, None) when the target runs without a tokenizer."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from diffuspec.api import _vocab_mismatch
+def _check_tokenizers(model_config: Any, drafter_path: Path):
+    """Check that the drafter shares the target's tokenizer. Returns (eos id, the target's
+    tokenizer); (config eos, None) when the target runs without a tokenizer."""
+    from transformers import AutoTokenizer
 
     name = getattr(model_config, "tokenizer", None) or model_config.model
-    eos = _config_eos(model_config)
     try:
         target_tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=bool(model_config.trust_remote_code),
                                                    revision=getattr(model_config, "tokenizer_revision", None))
     except Exception as exc:  # no tokenizer files (skip_tokenizer_init): nothing to compare against
         logger.warning("diffuspec: could not load the target tokenizer %r (%s); skipping the drafter "
                        "tokenizer check", name, exc)
-        return eos, None
-    drafter_tok_file = drafter_path / "tokenizer.json"
-    if drafter_tok_file.is_file():
-        # tokenizer.json alone: Dream folders name remote tokenizer code we do not run.
-        drafter_tok = PreTrainedTokenizerFast(tokenizer_file=str(drafter_tok_file))
-        diff = _vocab_mismatch(target_tok.get_vocab(), drafter_tok.get_vocab())
-        if diff:
-            raise ValueError(f"the drafter {str(drafter_path)!r} has a tokenizer that disagrees with the target "
-                             f"{str(name)!r} (token → id maps differ: {diff}). Drafter and target must share one "
-                             "tokenizer; pick a drafter trained with the target's tokenizer (e.g. Dream-v0 with "
-                             "Qwen2.5).")
+        target_tok = None
     else:
-        logger.warning("diffuspec: drafter folder %s has no tokenizer.json; cannot check that it shares the "
-                       "target's tokenizer", drafter_path)
-    if target_tok.eos_token_id is not None:
-        eos = int(target_tok.eos_token_id)
-    return eos, len(target_tok)
-
-
-def _config_eos(model_config: Any) -> int | None:
-    eos = getattr(getattr(model_config, "hf_config", None), "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return None if eos is None else int(eos)
+        drafter_tok = loading.drafter_tokenizer(drafter_path)
+        if drafter_tok is not None:
+            loading.check_shared_tokenizer(target_tok, drafter_tok, f" (drafter {str(drafter_path)!r}, "
+                                                                  f"target {str(name)!r})")
+        else:
+            logger.warning("diffuspec: drafter folder %s has no tokenizer.json; cannot check that it shares the "
+                           "target's tokenizer", drafter_path)
+    return loading.resolve_eos(target_tok, getattr(model_config, "hf_config", None)), target_tok
 
 
 # ---------------------------------------------------------------------- request state
 @dataclass
 class RequestState:
-    gen_ema: float   # ADL's Ḡ
-    acc_ema: float   # ADL's Ā
-    k: int           # masks drafted last step (0: no draft, so no ADL update)
+    policy: dict[str, float]  # the draft-length policy's row (DraftLengthPolicy.export_rows)
+    k: int           # masks drafted last step (0: no draft, nothing for the policy to observe)
     path_len: int    # tokens proposed last step
     gen_len: int     # L_gen of last step's raw draft
     drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
@@ -269,7 +237,7 @@ class DiffuSpecProposer:
         self.states = RequestStates(capacity=4 * max_seqs + 64)
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
-        self.verify_budget: int | None = None  # resolved for the drafter's device by load_model
+        self.device = self.default_device  # where the drafter runs (the target's device), set by load_model
 
     def load_model(self, target_model: torch.nn.Module | None = None) -> None:
         """Load the drafter on the target's device, in the target's dtype."""
@@ -278,18 +246,15 @@ class DiffuSpecProposer:
         if target_model is not None:
             param = next(iter(target_model.parameters()), None)
             device = param.device if param is not None else device
-        self.verify_budget = verify_budget(s.config.adl, device)
-        drafter = load_drafter(s.drafter_path, dtype=self.dtype, device=device)
-        set_prefix_cache(drafter, s.config.drafter_cache)
-        int8 = quantize_int8(drafter, s.config.drafter_int8)
-        if not 0 <= drafter.mask_token_id < drafter.vocab_size:
-            raise ValueError(f"drafter {str(s.drafter_path)!r}: mask_token_id={drafter.mask_token_id} is outside its "
-                             f"{drafter.vocab_size} embedding rows; fix mask_token_id in its config.json")
-        table = NGramModel.load(s.config.proxy_table, device=device) if s.config.proxy_table else None
+        self.device = device
+        prepared = loading.prepare_drafter(load_drafter(s.drafter_path, dtype=self.dtype, device=device), s.config,
+                                           where=f"drafter {str(s.drafter_path)!r}")
+        drafter = prepared.drafter
+        table = loading.load_proxy_table(s.config, device)
         self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
         logger.info("diffuspec: drafter %s loaded (%s, %s%s, %d positions); k in [%d, %d]", s.drafter_path, device,
-                    self.dtype, ", int8 linear layers" if int8 else "", drafter.max_positions, s.config.adl.k_min,
-                    s.config.adl.k_max)
+                    self.dtype, ", int8 linear layers" if prepared.int8 else "", drafter.max_positions,
+                    s.config.adl.k_min, s.config.adl.k_max)
 
     def propose(
         self,
@@ -301,7 +266,7 @@ class DiffuSpecProposer:
         t0 = time.perf_counter()
         if self.path_proposer is None:
             self.load_model(None)
-        s, adl_cfg = self.settings, self.settings.config.adl
+        s = self.settings
         n_rows = len(sampled_token_ids)
         drafts: list[list[int]] = [[] for _ in range(n_rows)]
         rows = [i for i, sampled in enumerate(sampled_token_ids) if sampled]  # [] rows: prefill chunk, discarded
@@ -313,19 +278,11 @@ class DiffuSpecProposer:
                 for i, n, e in zip(rows, lengths.tolist(), emitted.tolist())]
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
 
-        # ADL on the gathered rows: the previous step's result, then this step's k.
-        adl = AdaptiveDraftLength(len(rows), adl_cfg)
-        known = torch.tensor([p is not None for p in prev])
-        adl.gen_ema = torch.where(known, torch.tensor([p.gen_ema if p else 0.0 for p in prev]), adl.gen_ema)
-        adl.acc_ema = torch.where(known, torch.tensor([p.acc_ema if p else 0.0 for p in prev]), adl.acc_ema)
-        was_drafted = torch.tensor([p is not None and p.k > 0 for p in prev])
-        gen_len = torch.tensor([p.gen_len if p else 0 for p in prev], dtype=torch.int64)
-        acc_len = torch.minimum(torch.from_numpy(emitted - 1),
-                                torch.tensor([p.path_len if p else 0 for p in prev], dtype=torch.int64))
-        adl.update(gen_len, acc_len, was_drafted)
+        # The draft-length policy on the gathered rows: last step's outcome, then this step's k.
+        policy = self._policy(prev, emitted)
         room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
-        k = torch.minimum(adl.next_k(), room).clamp(max=s.num_speculative_tokens)  # [R] int64
-        k = cap_for_batch(k, len(rows), self.verify_budget)
+        k = policy.next_k(RoundView(active=torch.ones(len(rows), dtype=torch.bool),
+                                    room=room.clamp(max=s.num_speculative_tokens)))  # [R] int64
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
@@ -343,12 +300,25 @@ class DiffuSpecProposer:
                 paths, path_len, new_gen_len, kv = out
                 for j, i in enumerate(rows):
                     drafts[i] = paths[j][: int(path_len[j])]
-        for j, key in enumerate(keys):
-            self.states.put(key, RequestState(gen_ema=float(adl.gen_ema[j]), acc_ema=float(adl.acc_ema[j]),
-                                              k=int(k[j]), path_len=int(path_len[j]), gen_len=int(new_gen_len[j]),
-                                              drafter_kv=kv[j]))
+        for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
+            self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
+                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j]))
         self._count(drafts, rows, time.perf_counter() - t0)
         return drafts
+
+    def _policy(self, prev: list[RequestState | None], emitted: np.ndarray) -> DraftLengthPolicy:
+        """A policy over this step's rows, loaded with each request's row state and told the
+        outcome of its last step's draft: ``emitted - 1`` tokens accepted of those proposed."""
+        policy = make_policy(len(prev), self.settings.config.adl, self.device)
+        policy.load_rows([p.policy if p is not None else None for p in prev])
+
+        def last(name: str) -> torch.Tensor:  # [R] int64: last step's value (0 for a new request: k = 0)
+            return torch.tensor([getattr(p, name) if p is not None else 0 for p in prev], dtype=torch.int64)
+
+        proposed = last("path_len")
+        accepted = torch.minimum(torch.from_numpy(emitted - 1).to(torch.int64), proposed)
+        policy.observe(RoundOutcome(k=last("k"), generated=last("gen_len"), drafted=proposed, accepted=accepted))
+        return policy
 
     def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
                kv: list[RowCache | None]):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kvcache import RaggedKVCache
 from .model import BidirectionalTransformer
 
 
@@ -111,8 +112,6 @@ class DrafterState:
     their keys/values in ``cache`` (every prefix token but the newest few)."""
 
     def __init__(self, batch: int, capacity: int) -> None:
-        from ..target import RaggedKVCache
-
         self.cache = RaggedKVCache(batch, capacity)
         self.cached = torch.zeros(batch, dtype=torch.int64)  # CPU
 

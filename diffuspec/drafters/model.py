@@ -159,7 +159,7 @@ class BidirectionalTransformer(nn.Module):
         position_ids: torch.Tensor | None = None,  # [B, L] int64
         read_index: torch.Tensor | None = None,   # [B, R] int64: positions whose logits to return
         attn_mask: torch.Tensor | None = None,    # [B, 1, L, K] bool, True = may attend (overrides key_padding)
-        cache=None,                               # a RaggedKVCache (diffuspec.target) to write/read K/V
+        cache=None,                               # a RaggedKVCache (diffuspec.kvcache) to write/read K/V
     ) -> torch.Tensor:                            # [B, R or L, vocab]
         b, length = input_ids.shape
         if position_ids is None:

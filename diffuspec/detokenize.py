@@ -1,0 +1,88 @@
+"""Text as tokens arrive: incremental decoding and stop strings, without re-decoding the whole output.
+
+A round appends several tokens to a request. Decoding all of its tokens every round costs
+O(length) a round, O(length²) a request; instead :class:`IncrementalText` decodes only a
+short window: the tokens since the last text it emitted plus the few before them (a token's
+text can depend on its neighbours: byte-level BPE splits multi-byte characters across tokens,
+SentencePiece drops a leading space at the start of a decode). Text that ends in an
+incomplete character (U+FFFD) is held back until the character completes.
+
+:class:`StopFinder` looks for stop strings only in the text a round's tokens could have
+completed: the new text plus the ``longest stop string − 1`` characters before it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+Decode = Callable[[Sequence[int]], str]
+
+
+class IncrementalText:
+    """A request's generated text, decoded as its tokens arrive.
+
+    ``prefix_offset..read_offset`` is the window of tokens already turned into text that
+    the next decode re-reads for context; ``read_offset`` is where the not-yet-emitted
+    tokens start. ``text`` is everything emitted so far."""
+
+    def __init__(self, decode: Decode) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def extend(self, new_ids: Sequence[int]) -> str:
+        """Add tokens; return the text they complete ("" while a character is incomplete)."""
+        self.ids.extend(new_ids)
+        before = self.decode(self.ids[self.prefix_offset: self.read_offset])
+        window = self.decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(before) or window.endswith("\ufffd"):
+            return ""
+        new = window[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += new
+        return new
+
+    def flush(self) -> str:
+        """At the end of a request: the text still held back (an incomplete character)."""
+        full = self.decode(self.ids)
+        rest = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return rest
+
+
+class StopFinder:
+    """Finds a request's stop strings as its tokens arrive."""
+
+    def __init__(self, stop: Sequence[str], decode: Decode) -> None:
+        self.stop = tuple(stop)
+        self.decode = decode
+        self.longest = max(map(len, self.stop))
+        self.text = IncrementalText(decode)
+
+    def find(self, token_ids: list[int], new: int) -> tuple[int, int] | None:
+        """``token_ids``: the request's generated ids, the last ``new`` of them just added.
+        Returns (tokens to keep, characters of text to keep) at the earliest stop string, or
+        None. The kept tokens are the fewest whose text contains the stop string; the kept
+        text ends where the stop string begins."""
+        seen = len(self.text.text)
+        self.text.extend(token_ids[len(token_ids) - new:])
+        text = self.text.text
+        start = max(0, seen - self.longest + 1)
+        if not any(text.find(s, start) >= 0 for s in self.stop):
+            return None
+        # A hit: settle it exactly on the decoded output (once per request).
+        full = self.decode(token_ids)
+        hits = [full.find(s) for s in self.stop if s in full]
+        if not hits:
+            return None
+        lo, hi = 1, len(token_ids)
+        while lo < hi:  # binary search: decoded prefixes grow monotonically
+            mid = (lo + hi) // 2
+            if any(s in self.decode(token_ids[:mid]) for s in self.stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, min(hits)

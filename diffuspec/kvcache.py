@@ -1,0 +1,57 @@
+"""A preallocated KV cache whose rows advance by different amounts: the target's and the drafter's.
+
+Rows of a batch advance by different amounts each round (each keeps its own accepted
+prefix), so the cache stores row b's tokens in columns ``[0, length[b])`` and a forward pass
+writes each row's new tokens at that row's own columns (``write_pos``). Rejected tokens are
+"trimmed" by not advancing a row's length: their slots are overwritten by the next pass and
+never attended to meanwhile (the attention mask hides them), so nothing accepted is ever
+recomputed.
+
+The object is duck-typed to what transformers' attention layers call on a cache
+(``update``, ``get_seq_length``, ``len``) and to what the native drafter transformer calls
+(``update``), so one class serves the target (:mod:`diffuspec.target`) and the drafter's
+prefix cache (:class:`diffuspec.drafters.DrafterState`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RaggedKVCache:
+    """Per layer ``keys/values [B, kv_heads, capacity, head_dim]``, allocated on first write."""
+
+    is_compileable = False
+
+    def __init__(self, batch: int, capacity: int) -> None:
+        self.batch = batch
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.write_pos: torch.Tensor | None = None  # [B, n] int64 (device): columns of this pass's tokens
+        self.visible = 0                            # columns returned to attention (host int)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        # key_states: [B, kv_heads, n, head_dim]
+        while len(self.keys) <= layer_idx:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[layer_idx] is None:
+            b, h, _, d = key_states.shape
+            shape = (b, h, self.capacity, d)
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape)
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
+        rows = torch.arange(k_buf.shape[0], device=k_buf.device)[:, None]
+        # Padding queries of short rows (and rows already finished) can run past the end;
+        # their keys are garbage that no real query reads, so they may share the last slot.
+        pos = self.write_pos.clamp(max=self.capacity - 1)
+        k_buf[rows, :, pos] = key_states.transpose(1, 2)
+        v_buf[rows, :, pos] = value_states.transpose(1, 2)
+        return k_buf[:, :, : self.visible], v_buf[:, :, : self.visible]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.visible
+
+    def __len__(self) -> int:
+        return len(self.keys)
