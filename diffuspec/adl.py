@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .config import ADLConfig
 from .policy import DraftLengthPolicy, RoundOutcome
 
 
 class AdaptiveDraftLength(DraftLengthPolicy):
-    def __init__(self, rows: int, cfg: ADLConfig, budget: int | None = None) -> None:
-        super().__init__(rows, cfg, budget)
-        self.gen_ema = torch.full((rows,), float(cfg.k_init))  # Ḡ [B] (CPU)
-        self.acc_ema = torch.full((rows,), float(cfg.k_init))  # Ā [B] (CPU)
+    def reset(self, rows: int) -> None:
+        super().reset(rows)
+        self.gen_ema = torch.full((rows,), float(self.cfg.k_init))  # Ḡ [B] (CPU)
+        self.acc_ema = torch.full((rows,), float(self.cfg.k_init))  # Ā [B] (CPU)
 
     def wanted(self) -> torch.Tensor:  # [B] int64
         c = self.cfg

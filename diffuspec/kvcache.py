@@ -50,6 +50,30 @@ class RaggedKVCache:
         v_buf[rows, :, pos] = value_states.transpose(1, 2)
         return k_buf[:, :, : self.visible], v_buf[:, :, : self.visible]
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` ([R] int64), in that order (finished rows leave)."""
+        for buffers in (self.keys, self.values):
+            for layer, buf in enumerate(buffers):
+                if buf is not None:
+                    buffers[layer] = buf.index_select(0, index.to(buf.device))
+        self.batch = len(index)
+
+    def extend(self, other: "RaggedKVCache") -> None:
+        """Append the rows of ``other`` (same capacity) after this cache's rows."""
+        assert other.capacity == self.capacity, (other.capacity, self.capacity)
+        layers = max(len(self.keys), len(other.keys))
+        for buffers, more in ((self.keys, other.keys), (self.values, other.values)):
+            buffers.extend([None] * (layers - len(buffers)))
+            for layer in range(layers):
+                mine, theirs = buffers[layer], more[layer] if layer < len(more) else None
+                like = mine if mine is not None else theirs
+                if like is None:
+                    continue
+                mine = mine if mine is not None else like.new_zeros((self.batch, *like.shape[1:]))
+                theirs = theirs if theirs is not None else like.new_zeros((other.batch, *like.shape[1:]))
+                buffers[layer] = torch.cat([mine, theirs])
+        self.batch += other.batch
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.visible
 

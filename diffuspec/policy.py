@@ -4,14 +4,18 @@ A policy is one object per batch of rows, holding whatever per-row state it lear
 The engine and the vLLM proposer use it the same way, once a round::
 
     k = policy.next_k(view)       # [B] int64: draft length per row (0: that row decodes plainly)
-    ... propose, verify ...
+    ... propose ...
+    cut = policy.trim(view, confidence, path_len)   # optional: verify less of a doubtful draft
+    ... verify ...
     policy.observe(outcome)       # what the round gave: k, L_gen, path length, accepted
 
 and a caller whose rows move between steps (vLLM) carries each request's row state with
 ``export_rows()`` / ``load_rows()``. Implementations:
 
 - :class:`FixedDraftLength`, the null object: ``k_init`` every round, nothing learnt;
-- :class:`diffuspec.adl.AdaptiveDraftLength`, the paper's ADL.
+- :class:`diffuspec.adl.AdaptiveDraftLength`, the paper's ADL;
+- :class:`diffuspec.scheduler.CostAwareDraftLength`, expected tokens per second from measured
+  round costs and per-request acceptance estimates.
 
 Every policy is bounded the same way by :meth:`DraftLengthPolicy.next_k`: a row drafts no
 more than its ``room`` (tokens it may still emit − 1, context left), inactive rows draft
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,15 +65,36 @@ class RoundOutcome:
     generated: torch.Tensor  # [B] int64: L_gen, the raw argmax draft's length up to its first EOS
     drafted: torch.Tensor    # [B] int64: path tokens proposed
     accepted: torch.Tensor   # [B] int64: path tokens the target accepted
+    time_propose: float = 0.0  # seconds the round spent proposing (0: not measured)
+    time_verify: float = 0.0   # seconds of its verify pass (0: not measured, e.g. it carried a prefill)
+    confidence: Any = None     # [B, kmax] numpy: the drafter's probability of each path token (None: not kept)
 
 
 class DraftLengthPolicy(ABC):
     """Base of every draft-length policy: per-row state for ``rows`` rows."""
 
+    trims = False  # whether trim() may cut paths (the engine then copies confidences to the host)
+
     def __init__(self, rows: int, cfg: ADLConfig, budget: int | None = None) -> None:
-        self.rows = rows
         self.cfg = cfg
         self.budget = budget  # tokens a round verifies over the batch (None: no cap)
+        self.reset(rows)
+
+    def reset(self, rows: int) -> None:
+        """Fresh state for ``rows`` new requests (subclasses with state extend this)."""
+        self.rows = rows
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` ([R] int64), in that order (finished rows leave)."""
+        rows = self.export_rows()
+        self.reset(len(index))
+        self.load_rows([rows[i] for i in index.tolist()])
+
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` rows for new requests."""
+        kept = self.export_rows()
+        self.reset(self.rows + rows)
+        self.load_rows(kept + [None] * rows)
 
     @abstractmethod
     def wanted(self) -> torch.Tensor:  # [B] int64
@@ -83,14 +109,21 @@ class DraftLengthPolicy(ABC):
         k = torch.where(view.active, torch.minimum(k, view.room).clamp(min=0), torch.zeros_like(k))
         return cap_for_batch(k, int(view.active.sum()), self.budget)
 
+    def trim(self, view: RoundView, confidence: torch.Tensor, path_len: torch.Tensor) -> torch.Tensor | None:
+        """After drafting, before verifying: each row's path cut to at most this many
+        tokens ([B] int64), from the drafter's confidence in each path token
+        (``confidence [B, kmax]``, ``path_len [B]``, host tensors); None verifies every
+        path whole (the default: only the cost-aware policy trims)."""
+        return None
+
     def observe(self, outcome: RoundOutcome) -> None:
         """Learn from a round (rows with k == 0 drafted nothing and stay as they were)."""
 
-    def export_rows(self) -> list[dict[str, float]]:
+    def export_rows(self) -> list[dict[str, Any]]:
         """Each row's state as plain numbers (to carry a request to another batch row)."""
         return [{} for _ in range(self.rows)]
 
-    def load_rows(self, rows: list[dict[str, float] | None]) -> None:
+    def load_rows(self, rows: list[dict[str, Any] | None]) -> None:
         """Set rows from :meth:`export_rows` output of earlier batches (None: a new request)."""
 
 
@@ -101,10 +134,16 @@ class FixedDraftLength(DraftLengthPolicy):
         return torch.full((self.rows,), self.cfg.k_init, dtype=torch.int64)
 
 
-def make_policy(rows: int, cfg: ADLConfig, device: torch.device | str = "cpu") -> DraftLengthPolicy:
+def make_policy(rows: int, cfg: ADLConfig, device: torch.device | str = "cpu", *, costs=None,
+                acceptance=None) -> DraftLengthPolicy:
     """The policy ``cfg.policy`` names, for ``rows`` rows, its verify budget resolved for
-    ``device`` (where the target verifies)."""
+    ``device`` (where the target verifies). The cost-aware policy takes the cost model and
+    the pooled acceptance estimates (:mod:`diffuspec.scheduler`) and no static budget."""
     from .adl import AdaptiveDraftLength
+    from .scheduler import CostAwareDraftLength
 
+    if cfg.policy == "cost":
+        budget = cfg.verify_budget if isinstance(cfg.verify_budget, int) else None
+        return CostAwareDraftLength(rows, cfg, budget, costs=costs, acceptance=acceptance)
     policies: dict[str, type[DraftLengthPolicy]] = {"paper": AdaptiveDraftLength, "fixed": FixedDraftLength}
     return policies[cfg.policy](rows, cfg, verify_budget(cfg, device))

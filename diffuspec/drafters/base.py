@@ -132,6 +132,16 @@ class DrafterState:
         self.cached = torch.tensor([known[j].length if j in known else 0 for j in range(len(rows))], dtype=torch.int64)
         return self
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` ([R] int64, CPU), in that order."""
+        self.cache.select(index)
+        self.cached = self.cached.index_select(0, index)
+
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` rows with nothing cached."""
+        self.cache.extend(RaggedKVCache(rows, self.cache.capacity))
+        self.cached = torch.cat([self.cached, torch.zeros(rows, dtype=torch.int64)])
+
     def row(self, j: int) -> RowCache:
         """A copy of row j's cached prefix."""
         n = int(self.cached[j])

@@ -1,0 +1,178 @@
+"""The cost-aware draft-length policy on hand-built costs and acceptance, with answers worked out here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import OracleDrafter, hf_greedy
+
+from diffuspec import DiffuSpecConfig, SamplingParams
+from diffuspec.config import ADLConfig
+from diffuspec.cost import CostModel, CostTable, StepCost
+from diffuspec.engine import SpeculativeEngine
+from diffuspec.policy import RoundOutcome, RoundView, make_policy
+from diffuspec.scheduler import AcceptanceModel, best_allocation, best_length, expected_tokens, position_outcomes
+
+
+class TableCosts:
+    """A padded-layout cost model from a formula: verify rows × (k + 1) tokens, propose."""
+
+    packed, ready = False, True
+
+    def __init__(self, verify, propose=lambda rows, k: 0.0):
+        self.verify, self.propose = verify, propose
+
+    def ensure(self, rows):
+        pass
+
+    def round_times(self, rows, kmax, propose=True):
+        return np.array([self.verify(rows, k + 1) + (self.propose(rows, k) if propose and k else 0.0)
+                         for k in range(kmax + 1)])
+
+    def calibrate(self, *args):
+        pass
+
+
+def test_expected_tokens_by_hand():
+    e = expected_tokens(np.array([[0.5, 0.5, 1.0]]))
+    assert e.tolist() == [[1.0, 1.5, 1.75, 2.0]]  # 1 + .5 + .25 + .25
+
+
+def test_plain_decoding_when_verifying_cannot_pay():
+    """Low acceptance and a verify cost that grows with every token: k = 0."""
+    gain = expected_tokens(np.full((4, 8), 0.3))
+    times = np.array([1.0 + k for k in range(9)])           # each drafted token costs a whole step
+    assert best_length(gain, np.full(4, 8), times) == 0      # 1/1 beats 1.3/2, 1.39/3, ...
+    flat = np.array([1.0 + 0.01 * k for k in range(9)])     # drafting nearly free: draft while it adds more
+    assert best_length(gain, np.full(4, 8), flat) == 3       # E(3)/1.03 = 1.376 > E(4)/1.04 = 1.370
+    # a = 0.9, verify 1 + 0.25 K: rates 1, 1.52, 1.83, 2.0, 2.1, 2.13, 2.14, 2.13 → K = 6
+    gain = expected_tokens(np.full((1, 8), 0.9))
+    assert best_length(gain, np.array([8]), np.array([1 + 0.25 * k for k in range(9)])) == 6
+
+
+def test_budget_shifts_to_the_confident_rows():
+    """Packed steps (vLLM): the worked example of best_allocation, and a confident row
+    taking the whole draft while a doubtful one decodes plainly."""
+    survive = np.array([[0.9, 0.8], [0.2, 0.1]])
+    assert best_allocation(survive, np.array([2, 2]), lambda t, k: 1 + 0.5 * t).tolist() == [2, 0]
+    rates = np.array([[0.95] * 6, [0.1] * 6, [0.7] * 6])
+    k = best_allocation(rates.cumprod(1), np.array([6, 6, 6]), lambda t, k: 1 + 0.2 * t)
+    assert k[0] == 6 and k[1] == 0 and 0 < k[2] < 6
+    # rooms 6, 0, 2: after row 0's six tokens (8.03 / 2.8 = 2.87), row 2's first (.7) pays
+    # (8.73 / 3.0 = 2.91) and its second (.49) does not (9.22 / 3.2 = 2.88)
+    assert best_allocation(rates.cumprod(1), np.array([6, 0, 2]), lambda t, k: 1 + 0.2 * t).tolist() == [6, 0, 1]
+
+
+def test_position_outcomes():
+    reached, accepted = position_outcomes(np.array([5, 3, 0]), np.array([2, 3, 0]), 6)
+    assert reached.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0] * 6]
+    assert accepted.tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0] * 6]
+
+
+def _policy(costs, rows=2, k_max=8):
+    cfg = ADLConfig(policy="cost", k_min=1, k_max=k_max, k_init=4)
+    return make_policy(rows, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(k_max))
+
+
+def _learn(policy, accepted_per_row, rounds=12, k=8):
+    for _ in range(rounds):
+        ks = torch.full((policy.rows,), k)
+        policy.observe(RoundOutcome(k=ks, generated=ks, drafted=ks, accepted=torch.tensor(accepted_per_row)))
+
+
+def test_policy_learns_to_stop_and_to_go():
+    costs = TableCosts(lambda rows, w: rows * w * 1.0)  # compute-bound: every token costs the same
+    policy = _policy(costs)
+    view = RoundView(torch.ones(2, dtype=torch.bool), torch.tensor([8, 8]))
+    _learn(policy, [0, 0])                               # nothing is ever accepted
+    assert policy.next_k(view).tolist() == [0, 0]
+    cheap = _policy(TableCosts(lambda rows, w: 1.0 + 0.001 * rows * w))  # verifying more is almost free
+    _learn(cheap, [8, 8])                                # everything accepted
+    assert cheap.next_k(view).tolist() == [8, 8]
+    room = RoundView(torch.tensor([True, False]), torch.tensor([3, 8]))
+    assert cheap.next_k(room).tolist() == [3, 0]         # each row's room; inactive rows draft nothing
+
+
+def test_policy_explores_after_plain_rounds_and_backs_off():
+    costs = TableCosts(lambda rows, w: rows * w * 1.0)
+    policy = _policy(costs, rows=1)
+    view = RoundView(torch.ones(1, dtype=torch.bool), torch.tensor([8]))
+    _learn(policy, [0])
+    chosen = []
+    for _ in range(40):
+        k = policy.next_k(view)
+        chosen.append(int(k[0]))
+        policy.observe(RoundOutcome(k=k, generated=k, drafted=k, accepted=torch.zeros(1, dtype=torch.int64)))
+    explore = [i for i, k in enumerate(chosen) if k]
+    assert chosen[0] == 0 and len(explore) == 1 and explore[0] == 16  # after 16 plain rounds, one exploratory draft
+    assert chosen[explore[0]] == policy.explore_k and policy.acceptance.explore_after == 32  # it failed: wait longer
+
+
+def test_policy_rows_travel_between_batches():
+    policy = _policy(TableCosts(lambda rows, w: 1.0 + 0.001 * rows * w))
+    _learn(policy, [8, 0])
+    rows = policy.export_rows()
+    other = _policy(policy.costs, rows=3)
+    other.acceptance = policy.acceptance
+    other.load_rows([None, rows[1], rows[0]])
+    assert np.allclose(other.rates()[1:], policy.rates()[::-1])
+    assert json.loads(json.dumps(rows)) == rows  # plain numbers: they ride in vLLM's request state
+
+
+def test_cost_table_interpolation_and_files(tmp_path):
+    table = CostTable("k", verify={1: {1: 1.0, 9: 3.0}, 4: {1: 2.0, 9: 8.0}}, propose={1: {1: 0.5, 8: 1.2}})
+    assert table.verify_time(1, 5) == pytest.approx(2.0)      # linear in width
+    assert table.verify_time(2, 1) == pytest.approx(1.5)      # log2(2) halfway between 1 and 4 rows
+    assert table.propose_time(1, 0) == 0.0
+    table.save(tmp_path / "t.json")
+    assert CostTable.load(tmp_path / "t.json").verify == table.verify
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cost table .*bad.json.* cannot be read"):
+        CostTable.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cost_table=.*does not exist"):
+        CostModel(torch.nn.Linear(1, 1), path=tmp_path / "none.json")
+
+
+def test_step_cost_learns_a_line_and_skips_idle_gaps(tmp_path):
+    CostTable("p", verify={1: {1: 1.0}}, propose={1: {1: 0.002, 8: 0.002}, 8: {1: 0.002, 8: 0.002}}).save(
+        tmp_path / "p.json")
+    costs = StepCost(CostModel(None, None, tmp_path / "p.json"), min_samples=8)
+    assert not costs.ready
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        tokens = int(rng.integers(4, 200))
+        costs.observe_step(tokens, 0.010 + 0.0005 * tokens)
+    costs.observe_step(50, 30.0)  # the engine sat idle: not a step
+    assert costs.ready
+    assert costs.step_times(np.array([100]), 4, np.array([0]))[0] == pytest.approx(0.060, rel=0.02)
+    assert costs.step_times(np.array([100]), 4, np.array([8]))[0] == pytest.approx(0.062, rel=0.02)
+
+
+def test_cost_policy_in_the_engine_is_exact(tiny_target, tiny_pair, tmp_path, monkeypatch):
+    """Greedy output under the cost-aware policy is the target's own: with a cost table that
+    makes drafting nearly free (long drafts, an oracle drafter), and with the tiny pair's
+    own costs profiled into the cache folder on first use."""
+    from diffuspec.drafters import load_drafter
+
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path))
+    model, tok = tiny_target
+    prompts = [tok(p)["input_ids"] for p in ["def f(x):", "import os\n", "x = [1, 2"]]
+    flat = CostTable("flat", verify={r: {w: 1.0 + 0.001 * w for w in (1, 33)} for r in (1, 64)},
+                     propose={r: {k: 0.01 for k in (1, 32)} for r in (1, 64)})
+    flat.save(tmp_path / "flat.json")
+    cfg = DiffuSpecConfig.from_kwargs(adl="cost", k_max=8, k_init=4, k_min=1, cost_table=str(tmp_path / "flat.json"))
+    engine = SpeculativeEngine(model, OracleDrafter(model, tok.mask_token_id), cfg, None,
+                               emit_vocab=model.config.vocab_size)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=16))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 16, None)
+        assert max(o.stats.draft_lengths) == 8 and o.stats.rounds <= 4  # long drafts, all accepted
+    profiled = SpeculativeEngine(model, load_drafter(tiny_pair[1]), DiffuSpecConfig.from_kwargs(adl="cost"), None,
+                                 emit_vocab=model.config.vocab_size)
+    for p, o in zip(prompts, profiled.generate(prompts, SamplingParams(max_new_tokens=16))):
+        assert o.token_ids == hf_greedy(model, p, 16, None)
+    saved = list((tmp_path / "costs").glob("*.json"))
+    assert len(saved) == 1 and set(CostTable.load(saved[0]).verify) >= {2, 4}  # measured around 3 rows
