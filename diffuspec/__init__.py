@@ -9,12 +9,18 @@ recording ``stats`` and stop strings through ``detokenize``) → ``api`` (``Diff
 pairs) lives in ``diffuspec.recipe``. Design notes: ``docs/architecture.md``.
 """
 
-from .api import DiffuSpec, GenerationResult
+import logging
+
+from .api import DiffuSpec, GenerationResult, StreamDelta
 from .config import ADLConfig, CPSConfig, DiffuSpecConfig, LatticeConfig, ProxyConfig, SamplingParams
 from .stats import GenerationStats
 
 __all__ = [
     "ADLConfig", "CPSConfig", "DiffuSpec", "DiffuSpecConfig", "GenerationResult", "GenerationStats",
-    "LatticeConfig", "ProxyConfig", "SamplingParams",
+    "LatticeConfig", "ProxyConfig", "SamplingParams", "StreamDelta",
 ]
 __version__ = "0.1.0"
+
+# The library reports through the "diffuspec" logger only (and progress bars in tooling);
+# applications decide where records go.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

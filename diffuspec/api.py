@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
 from . import loading
 from .config import DiffuSpecConfig, SamplingParams
+from .detokenize import TextStream
 from .drafters import DiffusionDrafter, load_drafter
 from .engine import SpeculativeEngine
 from .stats import GenerationStats
@@ -29,6 +30,20 @@ class GenerationResult:
     token_ids: list[int]     # generated ids (EOS included when generation ended on it)
     finish_reason: str       # "eos", "length" or "stop"
     stats: GenerationStats
+
+
+@dataclass
+class StreamDelta:
+    """What one round added to a streamed request."""
+
+    token_ids: list[int]       # new ids (several per round is the point of speculation)
+    text: str                  # new text: whole characters, nothing a stop string could still cut
+    finish_reason: str | None  # set on the request's last delta: "eos", "length" or "stop"
+    stats: GenerationStats | None  # the request's statistics, on its last delta
+
+
+PromptInput = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]], torch.Tensor, Sequence[dict],
+                    Sequence[Sequence[dict]]]
 
 
 class DiffuSpec:
@@ -68,6 +83,7 @@ class DiffuSpec:
         self.max_context = loading.target_context(target_model.config)
         proxy_table = loading.load_proxy_table(config, self.device)
         self.engine = SpeculativeEngine(self.target, self.drafter, config, self.eos_token_id, emit_vocab, proxy_table)
+        self._engines: dict[bool, SpeculativeEngine] = {config.speculate: self.engine}
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +130,7 @@ class DiffuSpec:
     # --------------------------------------------------------------- generation
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+        prompts: PromptInput,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -122,35 +138,122 @@ class DiffuSpec:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         speculate: bool | None = None,
+        chat: bool = False,
     ) -> list[GenerationResult]:
         """Generate for one prompt or a batch; returns one result per prompt, in order.
 
         ``prompts``: a string, a list of strings, a list of token ids (one prompt), a list
-        of token-id lists, or a 1-D/2-D tensor of ids. ``temperature=0`` is greedy.
+        of token-id lists, or a 1-D/2-D tensor of ids; with ``chat=True`` each string is a
+        user message (or pass conversations, lists of ``{"role", "content"}`` dicts) and the
+        target tokenizer's chat template is applied. ``temperature=0`` is greedy.
         ``speculate=False`` decodes with the target alone through the same engine."""
+        ids, params, engine = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                            speculate, chat)
+        return [self._result(o) for o in engine.generate(ids, params, decode=self._decode)]
+
+    def stream(self, prompt: str | Sequence[int] | Sequence[dict], **kwargs: Any) -> Iterator[StreamDelta]:
+        """Generate for one prompt, yielding what each round adds as it finishes.
+
+        A round verifies a whole draft at once, so a delta usually carries several tokens:
+        ``delta.token_ids`` the new ids, ``delta.text`` the new text. Text is held back
+        while it ends in an incomplete character (bytes of one character split over
+        tokens) or could still grow into a stop string, so it never shows what a stop string
+        will cut. The last delta has ``finish_reason`` ("eos", "length", "stop") and the
+        request's ``stats``. The deltas' text joined is exactly ``generate()``'s text, and
+        their ids its token ids. Keyword arguments are ``generate()``'s."""
+        if isinstance(prompt, (list, tuple)) and prompt and not all(isinstance(t, int) for t in prompt) and \
+                not all(isinstance(m, dict) for m in prompt):
+            raise TypeError("stream() takes one prompt (a string, a list of token ids, or with chat=True one "
+                            "conversation); for several prompts use stream_batch(prompts)")
+        if kwargs.get("chat") and isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            prompt = [prompt]  # one conversation
+        for _, delta in self.stream_batch(prompt, **kwargs):
+            yield delta
+
+    def stream_batch(self, prompts: PromptInput, max_new_tokens: int = 128, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     stop: str | Sequence[str] | None = None, speculate: bool | None = None,
+                     chat: bool = False) -> Iterator[tuple[int, StreamDelta]]:
+        """:meth:`stream` for a batch: yields ``(prompt index, delta)`` as rounds finish."""
+        ids, params, engine = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                            speculate, chat)
+        texts = [TextStream(self._decode, params.stop) for _ in ids]
+        sent = [0] * len(ids)  # token ids already yielded per prompt
+        for outputs, grew in engine.rounds(ids, params, decode=self._decode):
+            for i in grew:
+                o = outputs[i]
+                new_ids = o.token_ids[sent[i]:]
+                sent[i] = len(o.token_ids)
+                if o.finish_reason is None:
+                    text = texts[i].update(o.token_ids)
+                    if new_ids or text:
+                        yield i, StreamDelta(new_ids, text, None, None)
+                else:
+                    yield i, StreamDelta(new_ids, texts[i].finish(self._result(o).text), o.finish_reason, o.stats)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], **kwargs: Any
+             ) -> GenerationResult | list[GenerationResult]:
+        """Answer a conversation (a list of ``{"role": ..., "content": ...}`` dicts) with the
+        target tokenizer's chat template, generation prompt added; a list of conversations
+        gives a list of results. Keyword arguments are ``generate()``'s."""
+        single = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], dict)
+        results = self.generate([messages] if single else messages, chat=True, **kwargs)
+        return results[0] if single else results
+
+    def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, speculate, chat):
+        """Check every argument (errors name the value and the fix), encode the prompts, and
+        pick the engine: ``(token ids per prompt, SamplingParams, engine)``."""
         if isinstance(stop, str):
             stop = (stop,)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop=tuple(stop or ()))
-        ids = self._encode(prompts)
+        ids = self._chat_ids(prompts) if chat else self._encode(prompts)
         for i, p in enumerate(ids):
             if self.max_context is not None and len(p) + max_new_tokens > self.max_context:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                                  f"the target's context of {self.max_context} tokens. Shorten the prompt or lower "
                                  "max_new_tokens.")
-        engine = self.engine
-        if speculate is not None and speculate != self.config.speculate:
-            engine = SpeculativeEngine(self.target, self.drafter, self.config.replace(speculate=speculate),
-                                       self.eos_token_id, engine.emit_vocab, engine.proxy_table)
-        outs = engine.generate(ids, params, decode=self._decode)
-        results = []
-        for o in outs:
-            text = self._decode(o.token_ids)
-            if o.stop_text_end is not None:
-                text = text[: o.stop_text_end]
-            results.append(GenerationResult(text=text, token_ids=o.token_ids, finish_reason=o.finish_reason,
-                                             stats=o.stats))
-        return results
+        return ids, params, self._engine(self.config.speculate if speculate is None else bool(speculate))
+
+    def _engine(self, speculate: bool) -> SpeculativeEngine:
+        """The engine drafting or not (each kept, with what its draft-length policy learnt)."""
+        if speculate not in self._engines:
+            base = self.engine
+            self._engines[speculate] = SpeculativeEngine(self.target, self.drafter,
+                                                         self.config.replace(speculate=speculate), self.eos_token_id,
+                                                         base.emit_vocab, base.proxy_table)
+        return self._engines[speculate]
+
+    def _result(self, o) -> GenerationResult:
+        text = self._decode(o.token_ids)
+        if o.stop_text_end is not None:
+            text = text[: o.stop_text_end]
+        return GenerationResult(text=text, token_ids=o.token_ids, finish_reason=o.finish_reason, stats=o.stats)
+
+    def _chat_ids(self, prompts) -> list[list[int]]:
+        """Token ids of each conversation with the chat template applied (a string prompt is
+        one user message)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat=True, but the target's tokenizer has no chat template. Give it one "
+                             "(tokenizer.chat_template = '<a Jinja template>', or a chat_template entry in its "
+                             "tokenizer_config.json), or pass plain prompts without chat=True.")
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"with chat=True, prompts must be a string, a conversation (list of "
+                            f"{{'role', 'content'}} dicts) or a list of them, got {type(prompts).__name__}")
+        ids = []
+        for i, conv in enumerate(prompts):
+            if isinstance(conv, str):
+                conv = [{"role": "user", "content": conv}]
+            if not (isinstance(conv, (list, tuple)) and conv and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                                        and isinstance(m.get("content"), str)
+                                                                        for m in conv)):
+                raise TypeError(f"conversation {i} must be a non-empty list of {{'role': str, 'content': str}} dicts, "
+                                f"got {conv!r:.200}")
+            encoded = self.tokenizer.apply_chat_template(list(conv), add_generation_prompt=True, tokenize=True)
+            ids.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
+        return ids
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -41,39 +41,91 @@ def _parse_config(items: list[str]) -> dict:
     return out
 
 
+def read_prompts(args) -> list[dict]:
+    """The prompts of ``diffuspec generate``: the positional one, else ``--input FILE`` or
+    stdin. A file or stdin whose every non-empty line is a JSON object with a "prompt" (and
+    optionally an "id") is a prompt set; anything else is one prompt, taken whole."""
+    if args.prompt is not None:
+        return [{"id": 0, "prompt": args.prompt}]
+    if args.input:
+        try:
+            text = Path(args.input).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SystemExit(f"--input {args.input!r}: {exc.strerror}") from None
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise SystemExit("give a prompt, --input FILE (JSONL with a \"prompt\" per line, or plain text) or pipe "
+                         "the prompt into stdin")
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            break
+        rows.append(row)
+    if lines and len(rows) == len(lines):
+        return [{"id": row.get("id", i), "prompt": row["prompt"]} for i, row in enumerate(rows)]
+    if not text.strip():
+        raise SystemExit("the input holds no prompt")
+    return [{"id": 0, "prompt": text}]
+
+
 def cmd_generate(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from . import assets
     from .api import DiffuSpec
 
     hf_logging.disable_progress_bar()
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    from . import assets
-
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json or args.output else print
     target, drafter = args.target, args.drafter
     if (target is None) != (drafter is None):
         raise SystemExit("give both --target and --drafter, or neither (for the embedded default pair)")
+    rows = read_prompts(args)
+    if args.stream and len(rows) > 1:
+        raise SystemExit("--stream prints one prompt as it is generated; give one prompt")
     if target is None and assets.embedded_pair() is None:
         target, drafter = random_pair(log)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=args.stop or None, speculate=not args.no_speculate,
+                    chat=args.chat)
     try:
         ds = DiffuSpec.from_pretrained(target, drafter, device=args.device, dtype=args.dtype,
                                        **_parse_config(args.config))
         t0 = time.perf_counter()
-        [result] = ds.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
-                               speculate=not args.no_speculate)
+        if args.stream:
+            print("" if args.chat else rows[0]["prompt"], end="", flush=True)
+            for delta in ds.stream(rows[0]["prompt"], **sampling):
+                print(delta.text, end="", flush=True)
+                if delta.finish_reason is not None:
+                    st = delta.stats
+                    print(f"\n-- {st.new_tokens} tokens, {st.rounds} rounds, tau {st.tau:.2f}, "
+                          f"{st.new_tokens / (time.perf_counter() - t0):.1f} tokens/s ({delta.finish_reason})")
+            return 0
+        results = ds.generate([r["prompt"] for r in rows], **sampling)
         elapsed = time.perf_counter() - t0
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    st = result.stats
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": result.text, "token_ids": result.token_ids,
-                          "finish_reason": result.finish_reason, "elapsed_s": elapsed, "stats": st.as_dict()}))
+    records = [{"id": row["id"], "prompt": row["prompt"], "text": r.text, "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason, "stats": r.stats.as_dict()} for row, r in zip(rows, results)]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(rec) + "\n" for rec in records)
+        log(f"wrote {len(records)} results to {args.output} in {elapsed:.1f} s")
+    elif args.json:
+        for rec in records:
+            print(json.dumps(rec | {"elapsed_s": elapsed}))
     else:
-        print(args.prompt + result.text)
-        print(f"-- {st.new_tokens} tokens, {st.rounds} rounds, tau {st.tau:.2f}, "
-              f"{st.new_tokens / elapsed:.1f} tokens/s ({result.finish_reason})")
+        for row, r in zip(rows, results):
+            st = r.stats
+            print(("" if args.chat else row["prompt"]) + r.text)
+            print(f"-- {st.new_tokens} tokens, {st.rounds} rounds, tau {st.tau:.2f}, "
+                  f"{st.new_tokens / elapsed:.1f} tokens/s ({r.finish_reason})")
     return 0
 
 
@@ -135,10 +187,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return vllm_cli(argv[1:])
     parser = argparse.ArgumentParser(prog="diffuspec", description=__doc__)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffuspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="speculative generation for one prompt")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="speculative generation for a prompt (or a JSONL prompt set)")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: --input FILE, or stdin)")
+    g.add_argument("--input", help="a prompt file: JSONL with a \"prompt\" (and \"id\") per line, or plain text")
+    g.add_argument("--output", help="write one JSON line per prompt here (id, prompt, text, token ids, stats)")
+    g.add_argument("--stream", action="store_true", help="print the text as rounds finish")
+    g.add_argument("--chat", action="store_true", help="apply the target tokenizer's chat template")
     g.add_argument("--target", help="target model folder (transformers causal LM)")
     g.add_argument("--drafter", help="drafter folder (Dream or LLaDA format)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -152,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype")
     g.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="a DiffuSpecConfig key, e.g. --config k_max=16 (repeatable)")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=cmd_generate)
 
     sub.add_parser("serve", add_help=False,

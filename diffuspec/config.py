@@ -68,25 +68,29 @@ class CPSConfig:
         _check(0.0 <= self.lam <= 1.0, f"cps lam={self.lam!r} must be in [0, 1]; the paper uses 0.5")
 
 
-DRAFT_LENGTH_POLICIES = ("paper", "fixed", "cost")
+DRAFT_LENGTH_POLICIES = ("auto", "paper", "fixed", "cost")
 
 
 @dataclass(frozen=True)
 class ADLConfig:
     # Which draft-length policy chooses each request's k (diffuspec.policy): "paper", the
-    # paper's adaptive draft length (§3.3); "fixed", k_init every round; "cost", the draft
-    # length that maximises expected tokens/s from measured costs (diffuspec.scheduler).
-    policy: str = "paper"
+    # paper's adaptive draft length (§3.3) under verify_budget; "fixed", k_init every round;
+    # "cost", the draft length that maximises expected tokens/s from measured costs, each
+    # request capped by its ADL (diffuspec.scheduler); "auto", "paper" for greedy batches of
+    # fewer than 16 rows and "cost" otherwise (sampling, big batches, vLLM), where each
+    # measured best (docs/architecture.md §6).
+    policy: str = "auto"
     # EMA rate ρ for the generated / accepted lengths (paper: 0.5).
     rho: float = 0.5
     # Growth step δ when the accepted EMA keeps up with the generated EMA (paper: 10). The
     # paper's step suits its 20..30 bounds; ours are narrower, so a smaller step.
     delta: int = 4
-    # Draft-length bounds. Paper: 20..30 on an A100 with a 32B target. On a CPU, verifying
-    # many tokens is not free; 4..16 come from the measured verify-cost curve of the embedded
-    # target (docs/architecture.md, "Choosing k on a CPU"; benchmarks/results/verify_cost_cpu.json).
+    # Draft-length bounds. Paper: 20..30 on an A100 with a 32B target. Ours come from a
+    # fixed-k sweep on a CPU (docs/architecture.md, "Choosing k on a CPU";
+    # benchmarks/results/humaneval_k_sweep_cpu): at batch 1 longer drafts kept paying up to
+    # 32, the verify pass of the embedded target growing slowly past 2 tokens.
     k_min: int = 4
-    k_max: int = 16
+    k_max: int = 32
     # k of a request's first round (and every round's, under the "fixed" policy).
     k_init: int = 8
     # Tokens a round may verify over the whole batch: each row's k is capped at

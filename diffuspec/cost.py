@@ -37,14 +37,16 @@ import numpy as np
 import torch
 
 ROW_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-WIDTH_GRID = (1, 2, 3, 5, 9, 13, 17, 25, 33)   # tokens per row in a verify pass (k + 1)
-K_GRID = (1, 2, 4, 8, 12, 16, 24, 32)          # draft lengths of a proposal
+WIDTH_GRID = (1, 2, 3, 5, 9, 17, 33)   # tokens per row in a verify pass (k + 1)
+K_GRID = (1, 2, 4, 8, 16, 32)          # draft lengths of a proposal
 PROFILE_CONTEXT = 256                           # tokens already cached when profiling
 
 
 def _interp(points: dict[int, float], x: float, log: bool = False) -> float:
     """Piecewise-linear interpolation of ``points`` at x (linear extrapolation outside, >= 0)."""
     xs = sorted(points)
+    if not xs:  # nothing measured (yet): no prediction
+        return 0.0
     if len(xs) == 1:
         return points[xs[0]]
     i = min(max(bisect_left(xs, x), 1), len(xs) - 1)
@@ -144,7 +146,8 @@ def measure_propose(proposer, rows: int, ks=K_GRID, context: int = PROFILE_CONTE
                     vocab: int | None = None) -> dict[int, float]:
     """Seconds per proposal of ``rows`` rows × ``k`` drafted tokens, the prefix cache warm
     (each call advances every row by a few tokens, as rounds do)."""
-    device = next(proposer.drafter.parameters()).device
+    param = next(proposer.drafter.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     vocab = vocab or proposer.emit_vocab
     gen = torch.Generator().manual_seed(1)
     step, calls = 4, (repeats + 2) * len(ks) + 1  # each call advances the rows by `step` tokens

@@ -9,6 +9,8 @@ incomplete character (U+FFFD) is held back until the character completes.
 
 :class:`StopFinder` looks for stop strings only in the text a round's tokens could have
 completed: the new text plus the ``longest stop string − 1`` characters before it.
+:class:`TextStream` releases a streamed request's text: whole characters, and nothing that
+a stop string could still cut.
 """
 
 from __future__ import annotations
@@ -86,3 +88,35 @@ class StopFinder:
             else:
                 lo = mid + 1
         return lo, min(hits)
+
+
+class TextStream:
+    """The text of a streamed request, released as tokens arrive: whole characters only
+    (:class:`IncrementalText`), and never text that could still become a stop string."""
+
+    def __init__(self, decode: Decode, stop: Sequence[str] = ()) -> None:
+        self.text = IncrementalText(decode)
+        self.stop = tuple(stop)
+        self.sent = 0  # characters released
+
+    def update(self, token_ids: Sequence[int]) -> str:
+        """``token_ids``: the request's ids so far. Returns the newly released text."""
+        self.text.extend(token_ids[len(self.text.ids):])
+        text = self.text.text
+        safe = len(text) - self._held(text)
+        out = text[self.sent: safe]
+        self.sent = max(self.sent, safe)
+        return out
+
+    def finish(self, final_text: str) -> str:
+        """The request ended with ``final_text`` (stop string cut): release the rest."""
+        out = final_text[self.sent:]
+        self.sent = len(final_text)
+        return out
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of ``text`` that begin some stop string."""
+        for n in range(min(max(map(len, self.stop), default=1) - 1, len(text)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop):
+                return n
+        return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -37,7 +38,7 @@ from .proxy import NGramModel
 from .scheduler import AcceptanceModel
 from .stats import GenerationStats
 from .target import TargetRunner
-from .verify import accept_greedy, accept_sampling
+from .verify import accept_greedy, accept_sampling, position_uniforms
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RequestOutput:
     stats: GenerationStats
     stop_text_end: int | None = None  # set when a stop string ended the request
     stops: StopFinder | None = field(default=None, repr=False)
+    index: int | None = None  # the prompt's position in the generate() call
 
 
 @dataclass
@@ -68,7 +70,7 @@ class Batch:
     draft_state: object | None  # the proposer's per-generation state (drafter prefix cache)
     prefill: int                # prompt columns the next verify pass feeds first (0: none)
     prefilled: bool             # whether the last verify pass carried a prefill
-    generator: torch.Generator | None
+    seed: int                   # the uniforms of sampled tokens: position_uniforms(seed, prompt index, position)
     requests: list[RequestOutput]  # per row
     waiting: list[int]          # prompt indices not admitted yet, in order
 
@@ -111,22 +113,32 @@ class SpeculativeEngine:
         """The configured draft-length policy for ``rows`` rows (None when not drafting)."""
         if not self.speculating:
             return None
-        if self.config.adl.policy == "cost" and self.costs is None:
+        if self.config.adl.policy in ("cost", "auto") and self.costs is None:
             self.costs = CostModel(self.target, self.proposer, self.config.cost_table)
         regime = (round(params.temperature, 2), params.top_k, params.top_p)
-        acceptance = self.acceptance.setdefault(regime, AcceptanceModel(self.config.adl.k_max))
+        acceptance = self.acceptance.setdefault(regime, AcceptanceModel(self.config.adl.k_max, greedy=params.greedy))
         return make_policy(rows, self.config.adl, self.device, costs=self.costs, acceptance=acceptance)
 
     @property
     def speculating(self) -> bool:
         return self.config.speculate and self.drafter is not None
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None = None
                  ) -> list[RequestOutput]:
         """Generate for token-id prompts; one output per prompt, in order. ``decode`` (ids →
         text) is needed only for stop strings. At most ``config.max_batch_size`` prompts are
         in flight; the others wait for a finished row's place."""
+        outputs: list[RequestOutput] = []
+        for outputs, _ in self.rounds(prompts, params, decode):
+            pass
+        return outputs
+
+    def rounds(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None = None
+               ) -> Iterator[tuple[list[RequestOutput], list[int]]]:
+        """Generate round by round: after each round, yield every prompt's output so far (in
+        prompt order) and the indices of the prompts whose output grew in that round (a
+        round can add several tokens to a request: that is the point). Outputs only grow,
+        except that a stop string removes what follows it in the round that finds it."""
         outputs = [RequestOutput([], None, GenerationStats(prompt_tokens=len(p)),
                                  stops=StopFinder(params.stop, decode) if params.stop else None) for p in prompts]
         if params.stop and decode is None:
@@ -134,17 +146,19 @@ class SpeculativeEngine:
         self.target_batch_sizes = []
         batch = self._start(prompts, params)
         while batch.rows or batch.waiting:
-            self._admit(batch, prompts, outputs)
-            t0 = time.perf_counter()
-            k = self._draft_lengths(batch)
-            proposal = self._propose(batch, k)
-            t_verify = time.perf_counter()
-            n_acc, next_token = self._verify(batch, proposal)
-            host = self._commit(batch, proposal, n_acc, next_token)
-            t_verify = time.perf_counter() - t_verify
-            self._record(batch, k, proposal, host, t_verify, t0)
-            self._retire(batch)
-        return outputs
+            with torch.inference_mode():  # per round: the caller's code between rounds runs as it would
+                self._admit(batch, prompts, outputs)
+                t0 = time.perf_counter()
+                k = self._draft_lengths(batch)
+                proposal = self._propose(batch, k)
+                t_verify = time.perf_counter()
+                n_acc, next_token = self._verify(batch, proposal)
+                host = self._commit(batch, proposal, n_acc, next_token)
+                t_verify = time.perf_counter() - t_verify
+                self._record(batch, k, proposal, host, t_verify, t0)
+                grew = [r.index for r in batch.requests]
+                self._retire(batch)
+            yield outputs, grew
 
     # ------------------------------------------------------------------ rows in and out
     def _start(self, prompts: list[list[int]], params: SamplingParams) -> Batch:
@@ -152,17 +166,14 @@ class SpeculativeEngine:
         dev = self.device
         kcap = self.config.adl.k_max if self.speculating else 0
         capacity = max(map(len, prompts)) + params.max_new_tokens + kcap + 2
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=dev)
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         empty = torch.zeros(0, dtype=torch.int64)
         return Batch(params=params, capacity=capacity, tokens=torch.zeros(0, capacity, dtype=torch.int64, device=dev),
                      lengths=empty.to(dev), lengths_cpu=empty, active_cpu=torch.zeros(0, dtype=torch.bool),
                      runner=TargetRunner(self.target, 0, capacity),
                      policy=self.new_policy(0, params),
                      draft_state=self.proposer.new_state(0, capacity) if self.speculating else None,
-                     prefill=0, prefilled=False, generator=generator, requests=[], waiting=list(range(len(prompts))))
+                     prefill=0, prefilled=False, seed=seed, requests=[], waiting=list(range(len(prompts))))
 
     def _admit(self, batch: Batch, prompts: list[list[int]], outputs: list[RequestOutput]) -> None:
         """Move waiting prompts into free rows and put all but their last token in the
@@ -195,6 +206,8 @@ class SpeculativeEngine:
             batch.policy.extend(n)
         if batch.draft_state is not None:
             batch.draft_state.extend(n)
+        for i in index:
+            outputs[i].index = i
         batch.requests += [outputs[i] for i in index]
         elapsed = time.perf_counter() - t0  # counted in the new requests' time_other
         for i in index:
@@ -227,16 +240,9 @@ class SpeculativeEngine:
         return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
 
     def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
-        """Draft, lattice, path search; then the policy may cut doubtful paths short."""
         if int(k.max()) == 0:
             return Proposal.empty(batch.rows, self.device)
-        proposal = self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
-        if batch.policy.trims:  # a host copy of the confidences: only for a policy that reads them
-            cut = batch.policy.trim(RoundView(batch.active_cpu, k), proposal.confidence.cpu(),
-                                    proposal.path_len.cpu())
-            if cut is not None:
-                proposal = proposal.truncate(cut)
-        return proposal
+        return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
 
     def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         """One target pass over each row's ``[newest token, path]`` (with the prompt in front
@@ -256,8 +262,13 @@ class SpeculativeEngine:
         params = batch.params
         if params.greedy:
             return accept_greedy(logits, path, proposal.path_len)
-        return accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k, params.top_p,
-                               batch.generator)
+        # Each sampled position's uniform is fixed by (seed, prompt, output position): the output
+        # is the same whatever the drafts, and the same as plain decoding with this seed.
+        request = torch.tensor([r.index for r in batch.requests], dtype=torch.int64, device=self.device)
+        emitted = torch.tensor([len(r.token_ids) for r in batch.requests], dtype=torch.int64, device=self.device)
+        position = emitted[:, None] + torch.arange(path.shape[1] + 1, device=self.device)[None, :]
+        uniforms = position_uniforms(batch.seed, request, position)
+        return accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k, params.top_p, uniforms)
 
     def _commit(self, batch: Batch, proposal: Proposal, n_acc: torch.Tensor, next_token: torch.Tensor
                 ) -> torch.Tensor:

@@ -31,12 +31,6 @@ class Lattice:
     def argmax_path(self) -> torch.Tensor:  # [B, k] int64
         return self.tokens[:, :, 0]
 
-    def confidence(self, path: torch.Tensor) -> torch.Tensor:  # [B, k] float
-        """The drafter's probability of each path token (0 where the path leaves the
-        lattice, e.g. past its length)."""
-        hit = (self.tokens == path[..., None]) & self.valid                               # [B, k, M]
-        return torch.where(hit, self.logq.exp(), torch.zeros_like(self.logq)).amax(-1)
-
 
 def first_index(hit: torch.Tensor) -> torch.Tensor:
     """[B, k] bool → [B] int64: the first column where ``hit`` holds, k where it never does."""

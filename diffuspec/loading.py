@@ -187,8 +187,8 @@ def check_drafter_object(drafter: Any) -> None:
     hint = " Load one with diffuspec.drafters.load_drafter(path)."
     if hasattr(drafter, "config") and hasattr(drafter, "generate"):
         hint = (f" {type(drafter).__name__} is a causal (autoregressive) LM; it belongs in `target_model`. "
-                "The drafter must be a diffusion LM: load a Dream- or LLaDA-format folder with "
-                "diffuspec.drafters.load_drafter(path).")
+                "The drafter must be a diffusion LM: load a Dream, DiffuCoder, LLaDA, Fast-dLLM v2 or SDAR "
+                "folder with diffuspec.drafters.load_drafter(path).")
     raise TypeError(f"drafter_model must be a diffuspec DiffusionDrafter, got {type(drafter).__name__}.{hint}")
 
 

@@ -4,9 +4,7 @@ A policy is one object per batch of rows, holding whatever per-row state it lear
 The engine and the vLLM proposer use it the same way, once a round::
 
     k = policy.next_k(view)       # [B] int64: draft length per row (0: that row decodes plainly)
-    ... propose ...
-    cut = policy.trim(view, confidence, path_len)   # optional: verify less of a doubtful draft
-    ... verify ...
+    ... propose, verify ...
     policy.observe(outcome)       # what the round gave: k, L_gen, path length, accepted
 
 and a caller whose rows move between steps (vLLM) carries each request's row state with
@@ -33,6 +31,9 @@ import torch
 from .config import ADLConfig
 
 CPU_VERIFY_BUDGET = 48  # tokens a CPU round verifies over the batch, by default (see ADLConfig.verify_budget)
+# adl="auto": greedy batches of fewer rows than this take the paper's ADL (with the verify
+# budget), the rest the cost model; measured on the 2-core EPYC (docs/architecture.md §6).
+AUTO_COST_ROWS = 16
 
 
 def verify_budget(cfg: ADLConfig, device: torch.device | str) -> int | None:
@@ -67,13 +68,10 @@ class RoundOutcome:
     accepted: torch.Tensor   # [B] int64: path tokens the target accepted
     time_propose: float = 0.0  # seconds the round spent proposing (0: not measured)
     time_verify: float = 0.0   # seconds of its verify pass (0: not measured, e.g. it carried a prefill)
-    confidence: Any = None     # [B, kmax] numpy: the drafter's probability of each path token (None: not kept)
 
 
 class DraftLengthPolicy(ABC):
     """Base of every draft-length policy: per-row state for ``rows`` rows."""
-
-    trims = False  # whether trim() may cut paths (the engine then copies confidences to the host)
 
     def __init__(self, rows: int, cfg: ADLConfig, budget: int | None = None) -> None:
         self.cfg = cfg
@@ -109,13 +107,6 @@ class DraftLengthPolicy(ABC):
         k = torch.where(view.active, torch.minimum(k, view.room).clamp(min=0), torch.zeros_like(k))
         return cap_for_batch(k, int(view.active.sum()), self.budget)
 
-    def trim(self, view: RoundView, confidence: torch.Tensor, path_len: torch.Tensor) -> torch.Tensor | None:
-        """After drafting, before verifying: each row's path cut to at most this many
-        tokens ([B] int64), from the drafter's confidence in each path token
-        (``confidence [B, kmax]``, ``path_len [B]``, host tensors); None verifies every
-        path whole (the default: only the cost-aware policy trims)."""
-        return None
-
     def observe(self, outcome: RoundOutcome) -> None:
         """Learn from a round (rows with k == 0 drafted nothing and stay as they were)."""
 
@@ -142,8 +133,12 @@ def make_policy(rows: int, cfg: ADLConfig, device: torch.device | str = "cpu", *
     from .adl import AdaptiveDraftLength
     from .scheduler import CostAwareDraftLength
 
-    if cfg.policy == "cost":
+    if cfg.policy in ("cost", "auto"):
         budget = cfg.verify_budget if isinstance(cfg.verify_budget, int) else None
-        return CostAwareDraftLength(rows, cfg, budget, costs=costs, acceptance=acceptance)
+        policy = CostAwareDraftLength(rows, cfg, budget, costs=costs, acceptance=acceptance)
+        if cfg.policy == "auto":  # the paper's ADL under the static budget where it measured best
+            policy.paper_below = AUTO_COST_ROWS
+            policy.paper_budget = verify_budget(cfg, device)
+        return policy
     policies: dict[str, type[DraftLengthPolicy]] = {"paper": AdaptiveDraftLength, "fixed": FixedDraftLength}
     return policies[cfg.policy](rows, cfg, verify_budget(cfg, device))

@@ -24,7 +24,6 @@ class Proposal:
     path: torch.Tensor      # [B, kmax] int64 (device): the path to verify; kmax = max k of the round
     path_len: torch.Tensor  # [B] int64 (device): valid path tokens per row (<= k[b])
     gen_len: torch.Tensor   # [B] int64 (device): L_gen, the raw argmax draft up to its EOS (ADL's input)
-    confidence: torch.Tensor  # [B, kmax] float (device): the drafter's probability of each path token
     time_draft: float
     time_search: float
 
@@ -32,16 +31,7 @@ class Proposal:
     def empty(cls, rows: int, device: torch.device) -> "Proposal":
         """No row drafts: the round decodes plainly."""
         none = torch.zeros(rows, dtype=torch.int64, device=device)
-        return cls(torch.zeros(rows, 0, dtype=torch.int64, device=device), none, none,
-                   torch.zeros(rows, 0, device=device), 0.0, 0.0)
-
-    def truncate(self, lengths: torch.Tensor) -> "Proposal":
-        """The same proposal with each row's path cut to at most ``lengths[b]`` tokens
-        ([B] int64, CPU) and the columns no row uses dropped."""
-        width = int(lengths.max()) if len(lengths) else 0
-        path_len = torch.minimum(self.path_len, lengths.to(self.path_len.device))
-        return Proposal(self.path[:, :width], path_len, self.gen_len, self.confidence[:, :width], self.time_draft,
-                        self.time_search)
+        return cls(torch.zeros(rows, 0, dtype=torch.int64, device=device), none, none, 0.0, 0.0)
 
 
 class PathProposer:
@@ -95,5 +85,4 @@ class PathProposer:
             path = search_path(lattice, proxy, tail, cfg.cps)
         else:
             path = lattice.argmax_path()
-        return Proposal(path, lattice.length, lattice.gen_len, lattice.confidence(path), t1 - t0,
-                        time.perf_counter() - t1)
+        return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)

@@ -6,10 +6,14 @@ The target scores ``[last token, path_1 .. path_k]`` in one pass, giving ``p_1 .
 - Greedy: keep ``path_i`` while it equals ``argmax p_i``; then emit ``argmax p`` at the first
   mismatch, or the bonus ``argmax p_{k+1}`` after a fully kept path. Identical to target-only
   greedy decoding.
-- Sampling: the path is a deterministic proposal (a point mass), so ``path_i`` is kept with
-  probability ``p_i(path_i)``; on the first rejection the emitted token is drawn from ``p_i``
-  with ``path_i`` removed and renormalised; after a fully kept path the bonus is drawn from
-  ``p_{k+1}``. Each emitted token then has exactly the target's (warped) distribution.
+- Sampling: at each position the target's own sample is drawn first, ``s_i = F_i⁻¹(u_i)``
+  (the inverse CDF of the warped ``p_i`` at a uniform ``u_i``), and ``path_i`` is kept while
+  it equals ``s_i``; the first ``s_i`` that differs (or ``s_{k+1}`` after a fully kept path)
+  is emitted. Every emitted token is the target's own sample given the tokens before it, so
+  the output has exactly the target's distribution, and ``path_i`` is kept with probability
+  ``p_i(path_i)``, the point-mass rule's acceptance. The uniforms come from
+  :func:`position_uniforms`, one per (request, output position): a seeded request's output
+  is the same whatever was drafted, and the same as plain decoding with that seed.
 """
 
 from __future__ import annotations
@@ -55,6 +59,39 @@ def accept_greedy(
     return n_acc, best.gather(1, n_acc[:, None]).squeeze(1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """A 64-bit constant as torch's int64 (two's complement)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def position_uniforms(seed: int, request: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1), float64, one per (seed, request, position), by the splitmix64
+    mixer on int64 bit patterns (multiplication wraps): a counter-based stream, so a
+    request's draw at an output position does not depend on how many draws came before.
+    ``request [B]`` int64, ``position [B, n]`` int64 → ``[B, n]``."""
+    x = (torch.tensor(_signed(seed & _MASK64), dtype=torch.int64) * _signed(0xD1B54A32D192ED03)
+         + request[:, None] * _signed(0x9E3779B97F4A7C15) + position * _signed(0xBF58476D1CE4E5B9))
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ _shr(x, shift)) * _signed(mult)
+    x = x ^ _shr(x, 31)
+    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def sample_at(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The inverse-CDF sample of ``probs [..., V]`` at ``u [...]`` (float64 cumulative sums)."""
+    cdf = probs.double().cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
 def accept_sampling(
     target_logits: torch.Tensor,  # [B, k+1, V]
     path: torch.Tensor,           # [B, k] int64
@@ -62,19 +99,11 @@ def accept_sampling(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor,       # [B, k+1] float64: the uniform of each position's draw
 ) -> tuple[torch.Tensor, torch.Tensor]:  # n_accepted [B], next_token [B]
     probs = warp_logits(target_logits, temperature, top_k, top_p)             # [B, k+1, V]
-    b, k = path.shape
+    samples = sample_at(probs, uniforms)                                       # [B, k+1]: the target's own draws
+    k = path.shape[1]
     in_path = torch.arange(k, device=path.device)[None, :] < path_len[:, None]
-    p_path = probs[:, :k].gather(2, path[..., None]).squeeze(2)                # [B, k]
-    u = torch.rand(b, k, device=path.device, generator=generator)
-    n_acc = _accepted_count((u < p_path) & in_path)
-    p_next = probs.gather(1, n_acc[:, None, None].expand(-1, 1, probs.shape[2])).squeeze(1)  # [B, V]
-    rejected = n_acc < path_len
-    rejected_tok = path.gather(1, n_acc.clamp(max=max(k - 1, 0))[:, None]) if k else torch.zeros(b, 1, dtype=torch.int64, device=path.device)
-    residual = p_next.scatter(1, rejected_tok, 0.0)
-    p_next = torch.where(rejected[:, None], residual, p_next)
-    p_next = p_next / p_next.sum(-1, keepdim=True)
-    next_token = torch.multinomial(p_next, 1, generator=generator).squeeze(1)
-    return n_acc, next_token
+    n_acc = _accepted_count((path == samples[:, :k]) & in_path)
+    return n_acc, samples.gather(1, n_acc[:, None]).squeeze(1)

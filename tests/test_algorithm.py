@@ -207,7 +207,7 @@ def test_adl_rows_move_between_batches():
     """export_rows / load_rows carry a request's ADL state to another batch row (vLLM)."""
     from diffuspec.policy import RoundOutcome
 
-    cfg = ADLConfig(k_min=2, k_max=20, k_init=8)
+    cfg = ADLConfig(policy="paper", k_min=2, k_max=20, k_init=8)
     a = make_policy(2, cfg, "cuda")
     assert isinstance(a, AdaptiveDraftLength) and a.budget is None  # no verify cap on an accelerator
     a.observe(RoundOutcome(k=torch.tensor([8, 0]), generated=torch.tensor([2, 9]), drafted=torch.tensor([2, 0]),
@@ -217,6 +217,7 @@ def test_adl_rows_move_between_batches():
     b = make_policy(3, cfg, "cpu")
     b.load_rows([None, rows[0], rows[1]])
     assert b.next_k().tolist() == [12, 5, 12]
+    assert DiffuSpecConfig().adl.policy == "auto"  # the default: see docs/architecture.md §6
     assert DiffuSpecConfig.from_kwargs(adl="fixed").adl.policy == "fixed"
     assert DiffuSpecConfig.from_kwargs(adl={"enabled": False}).adl.policy == "fixed"  # the earlier spelling
     with pytest.raises(ValueError, match="adl policy='nope' is not one of"):

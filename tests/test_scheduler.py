@@ -112,14 +112,25 @@ def test_policy_explores_after_plain_rounds_and_backs_off():
 
 
 def test_policy_rows_travel_between_batches():
+    """A request's own cap (its ADL state) rides with it to another batch row (vLLM)."""
     policy = _policy(TableCosts(lambda rows, w: 1.0 + 0.001 * rows * w))
-    _learn(policy, [8, 0])
+    ks = torch.tensor([8, 8])
+    policy.observe(RoundOutcome(k=ks, generated=torch.tensor([8, 2]), drafted=ks, accepted=torch.tensor([8, 0])))
     rows = policy.export_rows()
     other = _policy(policy.costs, rows=3)
     other.acceptance = policy.acceptance
     other.load_rows([None, rows[1], rows[0]])
-    assert np.allclose(other.rates()[1:], policy.rates()[::-1])
+    assert other.caps.wanted().tolist() == [8, 3, 8]  # row 1 carries the request whose drafter saw an early EOS
     assert json.loads(json.dumps(rows)) == rows  # plain numbers: they ride in vLLM's request state
+
+
+def test_pooled_curve_inherits_the_rate_before_it():
+    pooled = AcceptanceModel(4, prior=0.5, strength=2.0)
+    pooled.observe(np.array([[1.0, 1.0, 0.0, 0.0]] * 8), np.array([[1.0, 1.0, 0.0, 0.0]] * 8))
+    rates = pooled.rates()
+    assert rates[0] == pytest.approx((8 + 2 * 0.5) / (8 + 2))   # 0.9
+    assert rates[1] == pytest.approx((8 + 2 * rates[0]) / 10)   # 0.98
+    assert rates[2] == rates[1] and rates[3] == rates[1]        # never reached: the rate before
 
 
 def test_cost_table_interpolation_and_files(tmp_path):
@@ -176,3 +187,21 @@ def test_cost_policy_in_the_engine_is_exact(tiny_target, tiny_pair, tmp_path, mo
         assert o.token_ids == hf_greedy(model, p, 16, None)
     saved = list((tmp_path / "costs").glob("*.json"))
     assert len(saved) == 1 and set(CostTable.load(saved[0]).verify) >= {2, 4}  # measured around 3 rows
+
+
+def test_auto_routes_small_greedy_batches_to_the_paper_rule():
+    """adl="auto": greedy batches under 16 rows take the paper's ADL under the CPU verify
+    budget; sampling and bigger batches take the cost model (which here says: don't draft)."""
+    cfg = ADLConfig(policy="auto", k_min=1, k_max=8, k_init=4)
+    costs = TableCosts(lambda rows, w: rows * w * 1.0)  # compute-bound: drafting cannot pay
+    greedy = make_policy(2, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True))
+    view = RoundView(torch.ones(2, dtype=torch.bool), torch.tensor([8, 3]))
+    assert greedy.next_k(view).tolist() == [8, 3]   # ADL: k_init + delta, within each row's room
+    sampling = make_policy(2, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=False))
+    assert sampling.next_k(view).tolist() == [0, 0]
+    big = make_policy(16, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True))
+    assert big.next_k(RoundView(torch.ones(16, dtype=torch.bool), torch.full((16,), 8))).tolist() == [0] * 16
+    assert make_policy(4, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True)).next_k(
+        RoundView(torch.ones(4, dtype=torch.bool), torch.full((4,), 8))).tolist() == [8] * 4  # 48 // 4 - 1 = 11
+    assert make_policy(12, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True)).next_k(
+        RoundView(torch.ones(12, dtype=torch.bool), torch.full((12,), 8))).tolist() == [3] * 12  # 48 // 12 - 1

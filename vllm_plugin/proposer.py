@@ -173,7 +173,6 @@ class RequestState:
     path_len: int    # tokens proposed last step
     gen_len: int     # L_gen of last step's raw draft
     drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
-    confidence: list[float] = field(default_factory=list)  # the drafter's probability of each token proposed
 
 
 class RequestStates:
@@ -233,6 +232,11 @@ class DiffuSpecProposer:
     """vLLM ``custom_class`` proposer drafting with a diffusion LM (DiffuSpec)."""
 
     def __init__(self, vllm_config: Any) -> None:
+        import vllm
+
+        from .plugin import check_vllm_version
+
+        check_vllm_version(getattr(vllm, "__version__", "unknown"))  # also without the plugin (long form)
         self.settings = settings_from_vllm_config(vllm_config)  # raises at start-up on bad input
         self.dtype = vllm_config.model_config.dtype
         self.default_device = torch.device(str(getattr(vllm_config.device_config, "device", "cpu") or "cpu"))
@@ -261,7 +265,7 @@ class DiffuSpecProposer:
         drafter = prepared.drafter
         table = loading.load_proxy_table(s.config, device)
         self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
-        if s.config.adl.policy == "cost":  # proposals profiled here (cached on disk), vLLM's steps learnt online
+        if s.config.adl.policy in ("cost", "auto"):  # proposals profiled here (cached on disk), vLLM's steps learnt online
             self.costs = StepCost(CostModel(None, self.path_proposer, s.config.cost_table))
         logger.info("diffuspec: drafter %s loaded (%s, %s%s, %d positions); k in [%d, %d]", s.drafter_path, device,
                     self.dtype, ", int8 linear layers" if prepared.int8 else "", drafter.max_positions,
@@ -299,11 +303,10 @@ class DiffuSpecProposer:
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
-        confidence: list[list[float]] = [[] for _ in rows]
         kv = [p.drafter_kv if p else None for p in prev]  # rows that draft now replace theirs
         if int(k.max()) > 0:
             try:
-                out = self._draft(token_ids_cpu, rows, lengths, k, kv, policy, view)
+                out = self._draft(token_ids_cpu, rows, lengths, k, kv)
             except Exception:  # a drafter failure costs this step's drafts, never the server
                 self.stats.failures += 1
                 if self.stats.failures == 1:
@@ -311,13 +314,12 @@ class DiffuSpecProposer:
                                      "failures are counted in DiffuSpecProposer.stats.failures, not logged)")
                 k = torch.zeros_like(k)
             else:
-                paths, path_len, new_gen_len, kv, confidence = out
+                paths, path_len, new_gen_len, kv = out
                 for j, i in enumerate(rows):
                     drafts[i] = paths[j][: int(path_len[j])]
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
-                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j],
-                                              confidence=confidence[j][: int(path_len[j])]))
+                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j]))
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
@@ -347,21 +349,14 @@ class DiffuSpecProposer:
 
         proposed = last("path_len")
         accepted = torch.minimum(torch.from_numpy(emitted - 1).to(torch.int64), proposed)
-        width = int(proposed.max()) if len(prev) else 0
-        confidence = np.zeros((len(prev), width))
-        for j, p in enumerate(prev):
-            if p is not None and p.confidence:
-                confidence[j, : len(p.confidence)] = p.confidence
-        policy.observe(RoundOutcome(k=last("k"), generated=last("gen_len"), drafted=proposed, accepted=accepted,
-                                    confidence=confidence))
+        policy.observe(RoundOutcome(k=last("k"), generated=last("gen_len"), drafted=proposed, accepted=accepted))
         return policy
 
     def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
-               kv: list[RowCache | None], policy: DraftLengthPolicy, view: RoundView):
-        """One batched drafter pass + lattice + CPS for the rows with k > 0, then the
-        policy's cut of doubtful paths. ``kv``: each row's drafter prefix cache from its
-        previous step (None: none). Returns per row the path, its length, L_gen, the drafter
-        caches after this pass and the drafter's confidence in each path token."""
+               kv: list[RowCache | None]):
+        """One batched drafter pass + lattice + CPS for the rows with k > 0. ``kv``: each
+        row's drafter prefix cache from its previous step (None: none). Returns per row the
+        path, its length, L_gen and the drafter caches after this pass."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
         width = int(lengths[sel.numpy()].max())
@@ -377,7 +372,6 @@ class DiffuSpecProposer:
             self.stats.cached_tokens += int(state.cached.sum())
         prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
-        conf_sel = prop.confidence.float().cpu()
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
         if self.costs is not None:
@@ -385,10 +379,6 @@ class DiffuSpecProposer:
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         gen_len = torch.zeros(len(rows), dtype=torch.int64)
         path_len[sel], gen_len[sel] = host[:, 0], host[:, 1]
-        conf = torch.zeros(len(rows), conf_sel.shape[1])
-        conf[sel] = conf_sel
-        if policy.trims:  # verify only as much of each path as pays
-            path_len = torch.minimum(path_len, policy.trim(view, conf, path_len))
         paths: list[list[int]] = [[] for _ in rows]
         for j, row in zip(sel.tolist(), host[:, 2:].tolist()):
             paths[j] = row
@@ -396,7 +386,7 @@ class DiffuSpecProposer:
         if state is not None:
             for d, j in enumerate(sel.tolist()):
                 kv[j] = state.row(d)
-        return paths, path_len, gen_len, kv, conf.tolist()
+        return paths, path_len, gen_len, kv
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
         st = self.stats

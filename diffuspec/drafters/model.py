@@ -1,9 +1,13 @@
-"""A native PyTorch bidirectional transformer: the body of Dream- and LLaDA-format drafters.
+"""A native PyTorch non-causal transformer: the body of every drafter family we load.
 
 Qwen2/Llama-style blocks (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP)
-with *bidirectional* attention: every position sees every non-padding position. Parameter
-names follow the Qwen2 layout (``model.layers.N.self_attn.q_proj``...), which is Dream's
-checkpoint layout; the LLaDA loader renames its weights onto it.
+with *bidirectional* attention: every position sees every non-padding position, or, for
+block-diffusion drafters (Fast-dLLM v2, SDAR), *block-causal* attention: positions are cut
+into blocks of ``block_size`` (block = position // block_size); a token sees every token of
+its own block and of earlier blocks. Parameter names follow the Qwen2 layout
+(``model.layers.N.self_attn.q_proj``...), which is Dream's checkpoint layout; Qwen3-layout
+checkpoints (SDAR) add ``self_attn.q_norm`` / ``self_attn.k_norm``, and the LLaDA loader
+renames its weights onto it.
 """
 
 from __future__ import annotations
@@ -32,16 +36,32 @@ class TransformerSpec:
     # prefix and every mask. Dream/LLaDA are fully bidirectional (False); our recipe trains
     # prefix-causal drafters, for which a prefix KV cache is exact, not an approximation.
     prefix_causal: bool = False
+    # Width of one attention head. None: hidden_size // num_heads (Qwen2, LLaDA); Qwen3-layout
+    # checkpoints give it explicitly and it may differ (SDAR-4B: 128 with hidden 2560, 32 heads).
+    # Resolved to an int on construction.
+    head_dim: int | None = None
+    # Qwen3 layout: an RMSNorm over head_dim on each query and key head (weights
+    # self_attn.q_norm / self_attn.k_norm), after the projection and before rotary (SDAR).
+    qk_norm: bool = False
+    # Block-causal attention (block diffusion: Fast-dLLM v2's bd_size, SDAR's block_size): the
+    # token at position p sees position q when q // block_size <= p // block_size, i.e.
+    # bidirectional inside a block, causal across blocks. None: no blocks.
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                                 "give head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be a positive even number (rotary rotates halves)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1 (or None for no blocks)")
+        if self.block_size is not None and self.prefix_causal:
+            raise ValueError("prefix_causal and block_size are two different attention rules; set one")
 
 
 class RMSNorm(nn.Module):
@@ -81,12 +101,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn_mask, cache=None, layer_idx: int = 0):
         b, length, _ = x.shape
         hd, nh, nkv = self.spec.head_dim, self.spec.num_heads, self.spec.num_kv_heads
-        q = self.q_proj(x).view(b, length, nh, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, nkv, hd).transpose(1, 2)
+        q = self.q_proj(x).view(b, length, nh, hd)
+        k = self.k_proj(x).view(b, length, nkv, hd)
+        if self.spec.qk_norm:  # per head, before rotary (Qwen3 order)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, length, nkv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # write this pass's keys/values, attend over the cached columns
@@ -131,7 +157,9 @@ class Body(nn.Module):
 
 
 class BidirectionalTransformer(nn.Module):
-    """Token ids → logits with full (non-causal) attention over non-padding positions."""
+    """Token ids → logits with non-causal attention: full over non-padding positions, or
+    block-causal on ``position_ids`` when ``spec.block_size`` is set (unless ``attn_mask``
+    says otherwise)."""
 
     def __init__(self, spec: TransformerSpec) -> None:
         super().__init__()
@@ -155,7 +183,7 @@ class BidirectionalTransformer(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,                  # [B, L] int64
-        key_padding: torch.Tensor | None = None,  # [B, L] bool, True = real token (full attention)
+        key_padding: torch.Tensor | None = None,  # [B, L] bool, True = real token
         position_ids: torch.Tensor | None = None,  # [B, L] int64
         read_index: torch.Tensor | None = None,   # [B, R] int64: positions whose logits to return
         attn_mask: torch.Tensor | None = None,    # [B, 1, L, K] bool, True = may attend (overrides key_padding)
@@ -166,7 +194,12 @@ class BidirectionalTransformer(nn.Module):
             position_ids = torch.arange(length, device=input_ids.device).expand(b, length)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.spec.head_dim, self.spec.rope_theta, x.dtype)
-        if attn_mask is None and key_padding is not None:
+        if attn_mask is None and self.spec.block_size is not None:
+            block = position_ids // self.spec.block_size                          # [B, L]
+            attn_mask = (block[:, :, None] >= block[:, None, :])[:, None]         # [B, 1, L, L]
+            if key_padding is not None:
+                attn_mask = attn_mask & key_padding[:, None, None, :]
+        elif attn_mask is None and key_padding is not None:
             attn_mask = key_padding[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, attn_mask, cache, i)
