@@ -119,7 +119,9 @@ class DiffuSpec:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         target = loading.resolve_checkpoint(target, "target")
         tokenizer = AutoTokenizer.from_pretrained(str(target))
-        target_model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype).to(device)
+        # safetensors only (no unpickling), and never code from the checkpoint (trust_remote_code stays off)
+        target_model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, use_safetensors=True,
+                                                            trust_remote_code=False).to(device)
         drafter_model = drafter_tok = None
         if drafter is not None:
             drafter = loading.resolve_drafter_folder(drafter)

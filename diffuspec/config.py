@@ -140,6 +140,11 @@ class DiffuSpecConfig:
     # benchmarks/verify_cost.py --table); None: profile this machine as batch sizes appear
     # and cache the result under $DIFFUSPEC_CACHE/costs/ (diffuspec.cost).
     cost_table: str | None = None
+    # vLLM proposer: a proposal that takes longer than this many seconds is abandoned; that
+    # step decodes without drafts, and none are made until the late proposal has ended.
+    # None: no limit. (A hung drafter must not stall a server. In both the engine and the
+    # proposer a drafter that raises costs that round's drafts, logged once.)
+    drafter_timeout_s: float | None = None
     # Rows in flight in one generate() call: with more prompts, the others wait and take the
     # place of rows that finish (continuous batching). None: every prompt at once.
     max_batch_size: int | None = 64
@@ -147,6 +152,10 @@ class DiffuSpecConfig:
     def __post_init__(self) -> None:
         _check(self.drafter_context is None or self.drafter_context >= 1,
                f"drafter_context={self.drafter_context!r} must be None or >= 1")
+        _check(self.drafter_timeout_s is None or (isinstance(self.drafter_timeout_s, (int, float))
+                                                 and not isinstance(self.drafter_timeout_s, bool)
+                                                 and self.drafter_timeout_s > 0),
+               f"drafter_timeout_s={self.drafter_timeout_s!r} must be a number of seconds > 0, or None (no limit)")
         _check(self.max_batch_size is None or (isinstance(self.max_batch_size, int)
                                                and not isinstance(self.max_batch_size, bool)
                                                and self.max_batch_size >= 1),

@@ -22,6 +22,7 @@ one token a round.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -38,6 +39,8 @@ from .proxy import NGramModel
 from .scheduler import AcceptanceModel
 from .stats import GenerationStats
 from .target import TargetRunner
+
+logger = logging.getLogger(__name__)
 from .verify import accept_greedy, accept_sampling, position_uniforms
 
 
@@ -103,6 +106,7 @@ class SpeculativeEngine:
         self.device = next(target_model.parameters()).device
         self.proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table) if drafter else None
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
+        self.drafter_failures = 0  # proposals that raised (each round decoded without drafts)
         self.costs = None  # the cost model of the "cost" policy, built when first needed
         # Conditional acceptance per draft position, pooled over every request this engine
         # ran, per decoding regime (greedy, or a temperature / top-k / top-p): how often a
@@ -242,7 +246,14 @@ class SpeculativeEngine:
     def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
         if int(k.max()) == 0:
             return Proposal.empty(batch.rows, self.device)
-        return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+        try:
+            return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+        except Exception:  # a drafter fault costs this round's drafts, never the requests
+            self.drafter_failures += 1
+            if self.drafter_failures == 1:
+                logger.error("the drafter failed; this round decodes without drafts (further failures are "
+                             "counted in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
+            return Proposal.empty(batch.rows, self.device)
 
     def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         """One target pass over each row's ``[newest token, path]`` (with the prompt in front

@@ -41,7 +41,13 @@ def resolve_checkpoint(path_or_id: str | Path, role: str) -> Path:
     if not p.is_dir():
         raise ValueError(f"{role} path {str(p)!r} is not a folder; pass the checkpoint folder that holds config.json")
     missing = [f for f in ("config.json",) if not (p / f).is_file()]
-    if not list(p.glob("*.safetensors")) and not list(p.glob("*.bin")):
+    if not list(p.glob("*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        if pickles:
+            raise ValueError(f"{role} folder {str(p)!r} holds only pickled weights ({pickles[:3]}); diffuspec loads "
+                             "safetensors only, since unpickling runs code from the file. Convert them first, e.g. "
+                             "transformers' `model.save_pretrained(dir, safe_serialization=True)` or safetensors' "
+                             "convert script.")
         missing.append("*.safetensors")
     if missing:
         raise ValueError(f"{role} folder {str(p)!r} is missing {missing}; a checkpoint folder needs config.json, "

@@ -56,7 +56,9 @@ class PathProposer:
             bias[min(self.emit_vocab, vocab):] = float("-inf")
             bias[self.drafter.mask_token_id] = float("-inf")
             self._bias = bias
-        return (logits.float() + self._bias).log_softmax(-1)
+        # A faulty drafter's NaN scores become "impossible" (a row of them then drafts garbage
+        # the target rejects, never an id it cannot take).
+        return (logits.float().nan_to_num(nan=float("-inf")) + self._bias).log_softmax(-1).nan_to_num(nan=float("-inf"))
 
     @torch.inference_mode()
     def propose(
@@ -85,4 +87,5 @@ class PathProposer:
             path = search_path(lattice, proxy, tail, cfg.cps)
         else:
             path = lattice.argmax_path()
+        path = path.clamp(0, self.emit_vocab - 1)  # whatever the drafter produced, the target can take it
         return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)

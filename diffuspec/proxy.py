@@ -219,11 +219,27 @@ class NGramModel:
         if not path.is_file():
             raise ValueError(f"proxy table {str(path)!r} does not exist; build one with `diffuspec build-proxy`")
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path), device=str(device))
+        except Exception as exc:  # a truncated or foreign file
+            raise ValueError(f"proxy table {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); rebuild it with "
+                             "`diffuspec build-proxy`") from None
         if "order" not in meta:
             raise ValueError(f"{str(path)!r} is not a diffuspec proxy table (no 'order' metadata)")
-        state = load_file(str(path), device=str(device))
+        for name in cls._TENSORS:
+            if name not in state or state[name].dim() != 1:
+                raise ValueError(f"proxy table {str(path)!r}: tensor {name!r} is missing or not 1-D; rebuild it with "
+                                 "`diffuspec build-proxy`")
+        for keys, values in (("keys", ("counts",)), ("ctx_keys", ("ctx_counts", "ctx_types"))):
+            if state[keys].is_floating_point():
+                raise ValueError(f"proxy table {str(path)!r}: tensor {keys!r} has dtype {state[keys].dtype}, expected "
+                                 "integer hash keys")
+            for v in values:
+                if len(state[v]) != len(state[keys]):
+                    raise ValueError(f"proxy table {str(path)!r}: tensor {v!r} has {len(state[v])} entries for "
+                                     f"{len(state[keys])} keys; rebuild it with `diffuspec build-proxy`")
         model = cls(int(meta["order"]), int(meta["vocab_size"]), *(state[name] for name in cls._TENSORS),
                     keyed_by_row=meta.get("keyed_by_row") == "True")
         model.info = json.loads(meta.get("info", "{}"))

@@ -562,3 +562,54 @@ def test_long_form_error_without_plugin_stops_startup(proposer_pair):
     }, timeout=300)
     assert result is None
     assert "unknown config key 'beam_widht'" in log, log[-4000:]
+
+
+# ------------------------------------------------------------------ soak with faults
+def test_server_soak_with_drafter_faults(tmp_path):
+    """A short soak of the real server (embedded pair) with a drafter that raises, hangs past
+    drafter_timeout_s, returns NaN logits and out-of-range ids: every well-formed request is
+    answered, malformed ones get a 4xx, dropped streams cost nothing, the server stays up,
+    and each fault was hit and logged."""
+    import asyncio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import soak
+    from serving import Server
+
+    from diffuspec import assets
+
+    if assets.embedded_pair() is None:
+        pytest.skip("this install has no embedded pair")
+    target, drafter = (str(p) for p in assets.embedded_pair())
+    spec = {"method": "custom_class", "model": "vllm_proposers.FaultyProposer", "num_speculative_tokens": 8}
+    extra = {"diffuspec": {"drafter": drafter, "drafter_timeout_s": 1.0}}
+    env = dict(os.environ)
+    os.environ["DIFFUSPEC_TEST_FAULTS"] = "exception@2/10,nan@3/10,range@4/10,hang@6/10"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                             env.get("PYTHONPATH")]))
+    try:
+        server = Server(target, ["--speculative-config", json.dumps(spec), "--additional-config", json.dumps(extra)],
+                        tmp_path / "server.log", max_model_len=512, max_num_seqs=16)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        schedule = soak.make_schedule(64, seed=1, prompts=PROMPTS, max_model_len=512)
+        results = asyncio.run(soak.run_traffic(server.url, target, schedule, clients=16))
+        assert len(results) == 64
+        bad = [r for r in results if not r["ok"]]
+        assert not bad, bad
+        kinds = {r["kind"] for r in results}
+        assert {"malformed", "stream", "cancel", "greedy"} <= kinds
+        import urllib.request
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as resp:
+            assert resp.status == 200
+        answer = _post(server.url + "/v1/completions", {"model": target, "prompt": PROMPTS[0], "max_tokens": 8,
+                                                        "temperature": 0.0})
+        assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        server.close()
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "diffuspec: the drafter failed" in log or "longer than drafter_timeout_s" in log, log[-3000:]
+    for kind in ("exception", "hang", "nan", "range"):
+        assert f"injected fault {kind}" in log, (kind, log[-3000:])

@@ -223,6 +223,7 @@ class ProposerStats:
     time_search: float = 0.0
     time_total: float = 0.0
     failures: int = 0
+    invalid_drafts: int = 0  # drafts cut at an id outside the target's vocabulary
     cached_tokens: int = 0   # prefix tokens the drafter took from its cache instead of recomputing
     draft_lengths: list[int] = field(default_factory=list)  # histogram: index = proposed length
 
@@ -251,6 +252,8 @@ class DiffuSpecProposer:
         self.costs: StepCost | None = None  # built by load_model, around the loaded drafter
         self.acceptance = AcceptanceModel(cfg.adl.k_max)
         self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
+        self._pool = None   # the thread proposals run on, with drafter_timeout_s
+        self._late = None   # a proposal abandoned at its timeout, maybe still running
 
     def load_model(self, target_model: torch.nn.Module | None = None) -> None:
         """Load the drafter on the target's device, in the target's dtype."""
@@ -299,30 +302,71 @@ class DiffuSpecProposer:
         policy = self._policy(prev, emitted)
         room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
         view = RoundView(active=torch.ones(len(rows), dtype=torch.bool), room=room.clamp(max=s.num_speculative_tokens))
-        k = policy.next_k(view)                                                  # [R] int64
+        try:  # the cost policy may profile the drafter here (once per batch size): guarded alike
+            k = policy.next_k(view)                                              # [R] int64
+        except Exception:
+            self._failure("the drafter failed while the draft lengths were chosen (cost profiling); this step proposes no drafts", exc_info=True)
+            k = torch.zeros(len(rows), dtype=torch.int64)
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
         kv = [p.drafter_kv if p else None for p in prev]  # rows that draft now replace theirs
-        if int(k.max()) > 0:
-            try:
-                out = self._draft(token_ids_cpu, rows, lengths, k, kv)
-            except Exception:  # a drafter failure costs this step's drafts, never the server
-                self.stats.failures += 1
-                if self.stats.failures == 1:
-                    logger.exception("diffuspec: the drafter failed; this step proposes no drafts (further "
-                                     "failures are counted in DiffuSpecProposer.stats.failures, not logged)")
-                k = torch.zeros_like(k)
-            else:
-                paths, path_len, new_gen_len, kv = out
-                for j, i in enumerate(rows):
-                    drafts[i] = paths[j][: int(path_len[j])]
+        out = self._guarded_draft(token_ids_cpu, rows, lengths, k, kv) if int(k.max()) > 0 else None
+        if out is None:
+            k = torch.zeros_like(k)
+        else:
+            paths, path_len, new_gen_len, kv = out
+            for j, i in enumerate(rows):
+                drafts[i] = self._valid(paths[j][: int(path_len[j])])
+                path_len[j] = len(drafts[i])
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
                                               gen_len=int(new_gen_len[j]), drafter_kv=kv[j]))
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
+
+    def _guarded_draft(self, token_ids_cpu, rows, lengths, k, kv):
+        """:meth:`_draft`, but a failure costs this step's drafts, never the server: an
+        exception, or (with ``drafter_timeout_s``) a proposal still running at the limit,
+        which is then left to finish on its own thread while the next steps draft nothing."""
+        timeout = self.settings.config.drafter_timeout_s
+        try:
+            if timeout is None:
+                return self._draft(token_ids_cpu, rows, lengths, k, kv)
+            if self._late is not None and not self._late.done():
+                self._failure("a proposal that timed out is still running; this step drafts nothing")
+                return None
+            self._late = None
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffuspec-drafter")
+            future = self._pool.submit(self._draft, token_ids_cpu.copy(), rows, lengths.copy(), k, kv)
+            try:
+                return future.result(timeout=timeout)
+            except TimeoutError:
+                self._late = future
+                self._failure(f"the drafter took longer than drafter_timeout_s={timeout}; this step drafts nothing")
+                return None
+        except Exception:
+            self._failure("the drafter failed; this step proposes no drafts", exc_info=True)
+            return None
+
+    def _failure(self, message: str, exc_info: bool = False) -> None:
+        self.stats.failures += 1
+        if self.stats.failures == 1:
+            logger.error("diffuspec: %s (further failures are counted in DiffuSpecProposer.stats.failures, not "
+                         "logged)", message, exc_info=exc_info)
+
+    def _valid(self, draft: list[int]) -> list[int]:
+        """The draft up to its first id the target cannot take (a faulty drafter must not hand
+        vLLM an id outside the vocabulary)."""
+        limit = self.settings.emit_vocab
+        for i, token in enumerate(draft):
+            if not 0 <= token < limit:
+                self.stats.invalid_drafts += 1
+                return draft[:i]
+        return draft
 
     def _observe_step(self, now: float, clean: bool) -> None:
         """Tell the step-cost model how long vLLM's last step took: the time since our last
@@ -391,6 +435,10 @@ class DiffuSpecProposer:
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
         st = self.stats
         st.steps += 1
+        if st.steps % 1000 == 0:  # what a long-running server's operator wants to see now and then
+            logger.info("diffuspec: %d steps, %d request states, drafter caches %.1f MB of %.0f MB, %d failures, "
+                        "%d drafts cut at an invalid id", st.steps, len(self.states), self.states.held_bytes / 2**20,
+                        self.states.cache_bytes / 2**20, st.failures, st.invalid_drafts)
         st.time_total += elapsed
         for i in rows:
             n = len(drafts[i])

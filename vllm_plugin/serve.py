@@ -155,7 +155,29 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os.execve(sys.executable, [sys.executable, "-m", "diffuspec.cli", "serve", *args], env)
         set_cpu_kv_cache_space(args, log)
+    warn_open_without_key(args, log)
     return run_vllm_cli(["serve", *with_default_model(args, log)], register_plugin=True)
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in a command line (None if absent)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def warn_open_without_key(args: list[str], log=print) -> bool:
+    """Warn when the server listens beyond this machine (vLLM's default host is every
+    interface) with no API key. Returns whether it warned."""
+    host = _flag(args, "--host")
+    if host in ("127.0.0.1", "localhost", "::1") or _flag(args, "--api-key") or os.environ.get("VLLM_API_KEY"):
+        return False
+    log(f"[diffuspec] WARNING: serving on {host or 'every interface (no --host)'} without an API key: anyone who "
+        "can reach this port can use the model. Set --api-key KEY (or VLLM_API_KEY), or --host 127.0.0.1.")
+    return True
 
 
 def vllm_cli(argv: list[str] | None = None) -> int:

@@ -220,7 +220,7 @@ def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None,
     cfg, fmt, files = inspect_drafter_folder(path)
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_read_weights(f))
     if fmt == "llada":
         state = {_rename_llada(name): t for name, t in state.items()}
     spec = _spec_from_config(cfg, fmt)
@@ -228,6 +228,7 @@ def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None,
     net = BidirectionalTransformer(spec)
     if spec.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    _check_shapes(net, state, path)
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (spec.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -243,6 +244,31 @@ def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None,
     drafter = TransformerDrafter(net, mask_token_id=mask_id, pad_token_id=pad, shifted=FAMILIES[fmt].shifted,
                                  format=fmt, config=cfg)
     return drafter.to(device=device, dtype=dtype).eval()
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (never a pickle), floating point only; a truncated or
+    corrupt file fails naming it."""
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors reports a bad header or short file as SafetensorError
+        raise ValueError(f"drafter weights {str(file)!r} cannot be read ({type(exc).__name__}: {exc}); the file is "
+                         "truncated or not safetensors. Download or convert it again.") from None
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise ValueError(f"drafter weights {str(file)!r}: tensor {name!r} has dtype {t.dtype}; weights must be "
+                             "floating point")
+    return state
+
+
+def _check_shapes(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor present must have the shape its config implies; the error names it."""
+    own = net.state_dict()
+    for name, t in state.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise ValueError(f"drafter weights in {str(path)!r}: tensor {name!r} has shape {tuple(t.shape)}, but its "
+                             f"config.json implies {tuple(own[name].shape)}; the weights and config.json do not belong "
+                             "together")
 
 
 def _config_dtype(cfg: dict) -> torch.dtype:

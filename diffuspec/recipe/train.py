@@ -175,7 +175,7 @@ def train_loop(name: str, model: torch.nn.Module, stage: Stage, batch_fn, loss_f
     gen = torch.Generator().manual_seed(seed)
     start, elapsed = 0, 0.0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
