@@ -38,9 +38,10 @@ CONFIGS = {
     "plain": [],
     "plain-no-async": ["--no-async-scheduling"],  # what vLLM does to every custom_class proposer
     "ngram": ["--speculative-config", json.dumps(NGRAM)],
-    "diffuspec": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
-                  "--additional-config", json.dumps({"diffuspec": {"adl": "cost"}})],
-    "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8})],
+    # the default policy ("auto": the cost model inside vLLM) and the paper's ADL under the verify budget
+    "diffuspec": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8})],
+    "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
+                        "--additional-config", json.dumps({"diffuspec": {"adl": "paper"}})],
 }
 
 

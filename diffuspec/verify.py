@@ -77,8 +77,11 @@ def position_uniforms(seed: int, request: torch.Tensor, position: torch.Tensor) 
     mixer on int64 bit patterns (multiplication wraps): a counter-based stream, so a
     request's draw at an output position does not depend on how many draws came before.
     ``request [B]`` int64, ``position [B, n]`` int64 → ``[B, n]``."""
+    # The odd offset keeps the all-zero key (seed 0, request 0, position 0) away from the
+    # mixer's fixed point 0, which would give every such draw u = 0.
     x = (torch.tensor(_signed(seed & _MASK64), dtype=torch.int64) * _signed(0xD1B54A32D192ED03)
-         + request[:, None] * _signed(0x9E3779B97F4A7C15) + position * _signed(0xBF58476D1CE4E5B9))
+         + request[:, None] * _signed(0x9E3779B97F4A7C15) + position * _signed(0xBF58476D1CE4E5B9)
+         + _signed(0x2545F4914F6CDD1D))
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = (x ^ _shr(x, shift)) * _signed(mult)
     x = x ^ _shr(x, 31)
@@ -86,9 +89,11 @@ def position_uniforms(seed: int, request: torch.Tensor, position: torch.Tensor) 
 
 
 def sample_at(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The inverse-CDF sample of ``probs [..., V]`` at ``u [...]`` (float64 cumulative sums)."""
+    """The inverse-CDF sample of ``probs [..., V]`` at ``u [...]`` in [0, 1) (float64
+    cumulative sums): the first token whose cumulative mass exceeds ``u`` times the total,
+    so a token of probability 0 is never drawn (not even at u = 0)."""
     cdf = probs.double().cumsum(-1)
-    token = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    token = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return token.clamp(max=probs.shape[-1] - 1)
 
 

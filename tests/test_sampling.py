@@ -128,3 +128,19 @@ def test_speculative_sampling_matches_target(small_vocab_pair, temperature, top_
         [PROMPT] * N, SamplingParams(max_new_tokens=2, temperature=temperature, top_p=top_p, seed=2))
     plain_firsts = torch.tensor([o.token_ids[0] * V + o.token_ids[1] for o in plain])
     assert _chi_square_p(torch.bincount(plain_firsts, minlength=V * V), exact) > 1e-3
+
+
+def test_seeded_uniforms_are_uniform_from_the_first_draw():
+    """Every (seed, request, position) key gets its own uniform, the all-zero one included
+    (a mixer without an offset maps it to u = 0: seed 0's first token would always be the
+    first token of the vocabulary with any mass), and a position's uniforms over many seeds
+    or requests look uniform."""
+    from diffuspec.verify import position_uniforms, sample_at
+
+    assert 0.0 < float(position_uniforms(0, torch.tensor([0]), torch.tensor([[0]]))) < 1.0
+    over_seeds = torch.cat([position_uniforms(s, torch.tensor([0]), torch.tensor([[0]])).flatten() for s in range(2000)])
+    over_requests = position_uniforms(0, torch.arange(2000), torch.zeros(2000, 1, dtype=torch.int64)).flatten()
+    for u in (over_seeds, over_requests):
+        counts = torch.histc(u.float(), bins=10, min=0.0, max=1.0)
+        assert float(((counts - 200) ** 2 / 200).sum()) < 27.9  # chi-square, 9 dof, p = 0.001
+    assert int(sample_at(torch.tensor([0.0, 0.5, 0.0, 0.5]), torch.tensor(0.0, dtype=torch.float64))) == 1

