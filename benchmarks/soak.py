@@ -194,6 +194,13 @@ def summarise(results: list[dict], memory: list[tuple[int, float]], wall: float,
             "greedy_texts": {r["i"]: r["text"] for r in results if "text" in r and r["kind"] != "stream"}}
 
 
+def _fatal_lines(log: Path) -> list[str]:
+    """The distinct errors that ended a server (its log's RuntimeError lines)."""
+    lines = {line.split("]")[-1].strip() for line in log.read_text(errors="replace").splitlines()
+             if "RuntimeError:" in line or "EngineDeadError" in line}
+    return sorted(lines)[:5]
+
+
 def drafter_cache_lines(log: Path) -> list[str]:
     return [line.strip() for line in log.read_text(errors="replace").splitlines() if "drafter caches" in line]
 
@@ -242,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                                 max_num_seqs=args.clients)
                 try:
                     result[name] = soak(server, target, schedule, args.clients)
+                except OSError as exc:  # the server died under the load: that is the finding
+                    result[name] = {"server_died": True, "error": repr(exc)[:300],
+                                    "log_errors": _fatal_lines(out / f"server-{name}.log")}
                 finally:
                     server.close()
                     for key in env:
@@ -249,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             plain = result["plain"]["greedy_texts"]
             result["greedy_differ"] = {}
             for name in ("diffuspec", "ngram", "ngram-unfixed"):
+                if "greedy_texts" not in result[name]:
+                    continue
                 texts = result[name]["greedy_texts"]
                 common = sorted(set(texts) & set(plain))
                 result["greedy_differ"][name] = [sum(texts[i] != plain[i] for i in common), len(common)]
@@ -281,7 +293,10 @@ def render(res: dict) -> str:
         lines.append(f"- `{name}`: greedy answers differing from the plain server's under the same load: {differ} of "
                      f"{compared}; {other['answered_ok']} / {other['requests']} answered as expected, "
                      f"{other['requests_per_s']:.2f} requests/s, p50 {other['p50_s']:.2f} s")
-    if "plain" in res:
+    for name in ("plain", "ngram", "ngram-unfixed"):
+        if res.get(name, {}).get("server_died"):
+            lines.append(f"- `{name}`: the server died under this load: {res[name]['log_errors']}")
+    if "plain" in res and not res["plain"].get("server_died"):
         p = res["plain"]
         lines.append(f"- plain server: {p['answered_ok']} / {p['requests']} answered as expected, "
                      f"{p['requests_per_s']:.2f} requests/s, p50 {p['p50_s']:.2f} s")
