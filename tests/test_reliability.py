@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import RandomDrafter, hf_greedy
@@ -150,3 +151,39 @@ def test_open_server_without_key_warns(monkeypatch):
     assert not warn_open_without_key(["--host=0.0.0.0", "--api-key", "k"], said.append)
     monkeypatch.setenv("VLLM_API_KEY", "k")
     assert not warn_open_without_key(["--host", "0.0.0.0"], said.append)
+
+
+# ------------------------------------------------------------------ the API boundary, fuzzed
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)  # unicode, control characters, empty
+_ids = st.lists(st.integers(min_value=-2**40, max_value=2**40), max_size=6)  # huge and negative ids
+_prompts = st.one_of(
+    _text, st.lists(_text, max_size=3), _ids, st.lists(_ids, max_size=3), st.lists(st.lists(_ids, max_size=2), max_size=2),
+    st.just(" \n\t "), st.builds(lambda xs: np.array(xs, dtype=np.int64), _ids),
+    st.builds(lambda xs: torch.tensor(xs, dtype=torch.float32), st.lists(st.floats(0, 100), max_size=4)),
+    st.builds(lambda xs: torch.tensor([xs], dtype=torch.int64), st.lists(st.integers(0, 20000), min_size=1, max_size=4)),
+    st.none(), st.integers(), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return DiffuSpec.from_pretrained()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_prompts, max_new_tokens=st.one_of(st.integers(-2, 3), st.floats(-1, 3), st.none()),
+       temperature=st.one_of(st.floats(-1, 2), st.just(float("nan")), st.just(0.0)))
+def test_any_input_gets_a_result_or_a_clear_error(embedded, prompt, max_new_tokens, temperature):
+    """Random prompts (unicode, control characters, empty and whitespace-only strings, huge
+    ids, nested lists, numpy arrays, tensors of the wrong dtype, wrong types) and arguments:
+    a result, or ValueError/TypeError, never another exception."""
+    try:
+        out = embedded.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+    except (ValueError, TypeError) as exc:
+        assert str(exc)  # says what is wrong
+        return
+    assert isinstance(out, list) and all(isinstance(r.text, str) for r in out)
