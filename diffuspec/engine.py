@@ -156,20 +156,11 @@ class SpeculativeEngine:
                 self._admit(batch, prompts, outputs)
                 t0 = time.perf_counter()
                 k = self._draft_lengths(batch)
-                guard = self._guard(batch)
-                if guard is not None and int(k.max()) > 0 and not guard.allow(batch.rows):
-                    k = torch.zeros_like(k)  # drafting measured slower than plain rounds here
-                if guard is not None:
-                    guard.started(batch.rows, drafted=int(k.max()) > 0)
                 proposal = self._propose(batch, k)
                 t_verify = time.perf_counter()
                 n_acc, next_token = self._verify(batch, proposal)
                 host = self._commit(batch, proposal, n_acc, next_token)
                 t_verify = time.perf_counter() - t_verify
-                if guard is not None and batch.prefilled:
-                    guard.discard()  # a prefill rode in this round: not comparable
-                elif guard is not None:
-                    guard.finished(int((host[:, 0] + 1)[batch.active_cpu].sum()), time.perf_counter() - t0)
                 self._record(batch, k, proposal, host, t_verify, t0)
                 grew = [r.index for r in batch.requests]
                 self._retire(batch)
@@ -250,19 +241,26 @@ class SpeculativeEngine:
         """The measured check on the policy for this batch's decoding regime (greedy, or each
         temperature / top-k / top-p): drafting rounds must measure at least as many tokens
         per second as plain ones (diffuspec.guard). Kept across calls."""
-        if batch.policy is None or not self.config.throughput_guard or self.config.adl.policy not in ("auto", "cost"):
+        if batch.policy is None or not ThroughputGuard.applies(self.config):
             return None
         p = batch.params
         regime = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p)
         return self.guards.setdefault(regime, ThroughputGuard())
 
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
-        """Each row's k: the policy's choice, at most the tokens the row may still emit − 1."""
+        """Each row's k: the policy's choice, at most the tokens the row may still emit − 1;
+        none where the throughput guard measured drafting slower than plain rounds."""
         if batch.policy is None:
             return torch.zeros(batch.rows, dtype=torch.int64)
         emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
         room = batch.params.max_new_tokens - emitted - 1
-        return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
+        k = batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
+        guard = self._guard(batch)
+        if guard is not None:
+            if int(k.max()) > 0 and not guard.allow(batch.rows):
+                k = torch.zeros_like(k)
+            guard.started(batch.rows, drafted=int(k.max()) > 0)
+        return k
 
     def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
         if int(k.max()) == 0:
@@ -327,6 +325,11 @@ class SpeculativeEngine:
         """Host bookkeeping: lengths, the policy's observation, per-request stats and stops;
         rows that finish are marked inactive (and leave the batch after the round)."""
         n_cpu, path_len, gen_len = host[:, 0], host[:, 1], host[:, 2]
+        guard = self._guard(batch)
+        if guard is not None and batch.prefilled:
+            guard.discard()  # a prefill rode in this round: not comparable
+        elif guard is not None:
+            guard.finished(int((n_cpu + 1)[batch.active_cpu].sum()), time.perf_counter() - t0)
         batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
         if batch.policy is not None:

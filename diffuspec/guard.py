@@ -40,6 +40,12 @@ class ThroughputGuard:
     _pending: tuple[int, bool] | None = None
 
     @staticmethod
+    def applies(config) -> bool:
+        """Whether a :class:`~diffuspec.config.DiffuSpecConfig` asks for the guard: on, for
+        the "auto" and "cost" policies ("paper" and "fixed" run as written)."""
+        return config.throughput_guard and config.adl.policy in ("auto", "cost")
+
+    @staticmethod
     def size_class(rows: int) -> int:
         """Batch sizes 1, 2-3, 4-7, 8-15, ...: steps compare within a class."""
         return max(1, rows).bit_length()

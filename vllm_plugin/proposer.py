@@ -321,7 +321,7 @@ class DiffuSpecProposer:
         except Exception:
             self._failure("the drafter failed while the draft lengths were chosen (cost profiling); this step proposes no drafts", exc_info=True)
             k = torch.zeros(len(rows), dtype=torch.int64)
-        if int(k.max()) > 0 and s.config.throughput_guard and s.config.adl.policy in ("auto", "cost") and not self.guard.allow(len(rows)):
+        if int(k.max()) > 0 and ThroughputGuard.applies(s.config) and not self.guard.allow(len(rows)):
             k = torch.zeros_like(k)  # drafting measured slower than plain decoding at this batch size
         self.guard.started(len(rows), drafted=int(k.max()) > 0)
 
