@@ -70,6 +70,7 @@ class CPSConfig:
 
 
 DRAFT_LENGTH_POLICIES = ("auto", "paper", "fixed", "cost")
+KERNELS = ("auto", "reference", "compiled", "triton")
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,14 @@ class DiffuSpecConfig:
     # Rows in flight in one generate() call: with more prompts, the others wait and take the
     # place of rows that finish (continuous batching). None: every prompt at once.
     max_batch_size: int | None = 64
+    # Implementation of the lattice build and the path search (diffuspec_kernels): "auto",
+    # Triton kernels for CUDA tensors and compiled (numba) loops for CPU tensors, falling back
+    # to the reference with a warning when they cannot load; "reference", the PyTorch/numpy
+    # reference; "compiled" / "triton" require that path. All give the same paths.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.kernels in KERNELS, f"kernels={self.kernels!r} is not one of {list(KERNELS)}")
         _check(self.drafter_context is None or self.drafter_context >= 1,
                f"drafter_context={self.drafter_context!r} must be None or >= 1")
         _check(self.drafter_timeout_s is None or (isinstance(self.drafter_timeout_s, (int, float))

@@ -3,6 +3,10 @@
 Shared by the engine and the vLLM adapter, so the algorithm exists once. The caller chooses
 each row's draft length (a :mod:`diffuspec.policy`) and verifies the path; what a policy
 learns from the proposal (the drafter's raw draft length) rides in the :class:`Proposal`.
+
+The lattice build and the search run on the kernels the config's ``kernels`` key selects
+(``diffuspec_kernels``: compiled loops on a CPU, Triton on CUDA) or on the references in
+:mod:`diffuspec.lattice` and :mod:`diffuspec.cps`; every choice proposes the same path.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import diffuspec_kernels
 import torch
 
 from .config import DiffuSpecConfig
 from .cps import search_path
 from .drafters.base import DiffusionDrafter
 from .lattice import build_lattice
-from .proxy import CausalProxy, NGramModel
+from .proxy import CausalProxy, FlatNGram, NGramModel, OnlineNGram
 
 
 @dataclass
@@ -34,6 +39,28 @@ class Proposal:
         return cls(torch.zeros(rows, 0, dtype=torch.int64, device=device), none, none, 0.0, 0.0)
 
 
+class ProposalState:
+    """What the proposer carries across the rounds of one generation, per row: the drafter's
+    prefix cache (None for a drafter without one) and the online proxy's n-gram counts.
+    Rows follow the batch (:meth:`select`, :meth:`extend`)."""
+
+    def __init__(self, drafter, proxy: OnlineNGram) -> None:
+        self.drafter = drafter
+        self.proxy = proxy
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` ([R] int64, CPU), in that order."""
+        if self.drafter is not None:
+            self.drafter.select(index)
+        self.proxy.select(index)
+
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` fresh rows."""
+        if self.drafter is not None:
+            self.drafter.extend(rows)
+        self.proxy.extend(rows)
+
+
 class PathProposer:
     def __init__(self, drafter: DiffusionDrafter, config: DiffuSpecConfig, eos_token_id: int | None,
                  emit_vocab: int, proxy_table: NGramModel | None = None) -> None:
@@ -43,10 +70,30 @@ class PathProposer:
         self.emit_vocab = emit_vocab  # ids >= this are never drafted (the target cannot emit them)
         self.proxy_table = proxy_table
         self._bias: torch.Tensor | None = None
+        self._kernels: dict[str, object] = {}  # per device type: the selected kernels (None: reference)
+        self._corpus: dict[str, object] = {}   # per kernel path: the corpus table as it reads it
+        # Chosen now, for the drafter's device: loading (compiling, or reading numba's cache)
+        # takes a moment that must not land in a measured round.
+        param = next(iter(drafter.parameters()), None)
+        self.kernels(param.device if param is not None else torch.device("cpu"))
 
-    def new_state(self, rows: int, capacity: int):
-        """Per-generation state carried across rounds (the drafter's prefix cache), or None."""
-        return self.drafter.new_state(rows, capacity)
+    def new_state(self, rows: int, capacity: int) -> ProposalState:
+        """Per-generation state carried across rounds (see :class:`ProposalState`)."""
+        return ProposalState(self.drafter.new_state(rows, capacity),
+                             OnlineNGram(self.config.proxy.order, self.emit_vocab, rows))
+
+    def kernels(self, device: torch.device):
+        """The kernels for tensors on ``device`` (None: the reference), chosen once."""
+        if device.type not in self._kernels:
+            self._kernels[device.type] = diffuspec_kernels.select(self.config.kernels, device)
+        return self._kernels[device.type]
+
+    def _corpus_for(self, kernels, device: torch.device):
+        if self.proxy_table is None:
+            return None
+        if kernels.name not in self._corpus:
+            self._corpus[kernels.name] = kernels.prepare_table(FlatNGram.from_model(self.proxy_table), device)
+        return self._corpus[kernels.name]
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """Mask ids the target cannot emit, and the mask token itself; normalise."""
@@ -66,25 +113,36 @@ class PathProposer:
         tokens: torch.Tensor,       # [B, T] int64 (device): row b's prefix is tokens[b, :lengths[b]]
         lengths_cpu: torch.Tensor,  # [B] int64 (CPU)
         k_cpu: torch.Tensor,        # [B] int64 (CPU), max >= 1; rows with 0 propose nothing
-        state=None,                 # new_state(...) of this generation (prefix cache), or None
+        state: ProposalState | None = None,  # new_state(...) of this generation, or None (nothing kept)
     ) -> Proposal:
         cfg, dev = self.config, tokens.device
         t0 = time.perf_counter()
         kmax = int(k_cpu.max())
         room = self.drafter.max_positions - kmax
         context = room if cfg.drafter_context is None else min(cfg.drafter_context, room)
-        logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context, state))  # [B, kmax, V]
+        logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context,
+                                                 state.drafter if state is not None else None))  # [B, kmax, V]
         t1 = time.perf_counter()
-        lattice = build_lattice(logq, k_cpu.to(dev), self.eos_token_id, cfg.lattice)
+        kernels = self.kernels(logq.device)
+        build = build_lattice if kernels is None else kernels.build_lattice
+        lattice = build(logq, k_cpu.to(dev), self.eos_token_id, cfg.lattice)
         if cfg.cps.enabled:
             lengths = lengths_cpu.to(dev)
-            proxy = CausalProxy(NGramModel.fit(tokens, lengths, cfg.proxy.order, self.emit_vocab),
-                                self.proxy_table, cfg.proxy.corpus_weight)
             # The proxy's context for each row: its last order-1 prefix tokens, -1 before the start.
-            hist = proxy.order - 1
+            hist = max(cfg.proxy.order, self.proxy_table.order if self.proxy_table is not None else 0) - 1
             tail_idx = lengths[:, None] - hist + torch.arange(hist, device=dev)[None, :]       # [B, hist]
             tail = torch.where(tail_idx >= 0, tokens.gather(1, tail_idx.clamp(min=0)), torch.full_like(tail_idx, -1))
-            path = search_path(lattice, proxy, tail, cfg.cps)
+            if kernels is None:  # the reference: the online model refit from each row's whole prefix
+                proxy = CausalProxy(NGramModel.fit(tokens, lengths, cfg.proxy.order, self.emit_vocab),
+                                    self.proxy_table, cfg.proxy.corpus_weight)
+                path = search_path(lattice, proxy, tail, cfg.cps)
+            else:  # the online model grows by the tokens each row gained since the last round
+                online = state.proxy if state is not None else OnlineNGram(cfg.proxy.order, self.emit_vocab,
+                                                                            tokens.shape[0])
+                online.update(tokens, lengths_cpu, kernels.add_ngrams)
+                proxy_in = diffuspec_kernels.ProxyInputs(kernels.prepare_table(online.flat(), dev),
+                                                         self._corpus_for(kernels, dev), cfg.proxy.corpus_weight)
+                path = kernels.search_path(lattice, proxy_in, tail, cfg.cps)
         else:
             path = lattice.argmax_path()
         path = path.clamp(0, self.emit_vocab - 1)  # whatever the drafter produced, the target can take it

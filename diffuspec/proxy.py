@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,162 @@ class _NumpyMixture:
         for j in range(n_orders):
             p = add[:, :, j] + lam[:, :, j, None] * p
         return np.log(self.weights @ p.reshape(len(self.models), -1)).reshape(cand.shape)
+
+
+# ---------------------------------------------------------------------- incremental online model
+class _RowCounts:
+    """One request's n-gram counts (hashed with seed 0, as an unkeyed table), kept sorted and
+    grown by the tokens appended since the last update."""
+
+    __slots__ = ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types", "seen", "tail")
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.float32)
+        self.ctx_keys = np.zeros(0, np.int64)
+        self.ctx_counts = np.zeros(0, np.float32)
+        self.ctx_types = np.zeros(0, np.float32)
+        self.seen = 0                       # prefix tokens counted
+        self.tail = np.zeros(0, np.int64)   # the last order-1 of them
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.counts, self.ctx_keys, self.ctx_counts, self.ctx_types))
+
+    def add(self, new: np.ndarray, order: int, compiled=None) -> None:
+        """Count the n-grams (n = 1..order) that end at the ``new`` tokens (``compiled``: the
+        same update compiled, diffuspec_kernels.cpu.add_ngrams)."""
+        seq = np.concatenate([self.tail, new])
+        start = len(self.tail)
+        self.seen += len(new)
+        self.tail = seq[len(seq) - min(order - 1, len(seq)):]
+        if compiled is not None:
+            tables = compiled(self.keys, self.counts, self.ctx_keys, self.ctx_counts, self.ctx_types,
+                              seq[:start], new, order)
+            self.keys, self.counts, self.ctx_keys, self.ctx_counts, self.ctx_types = tables
+            return
+        full_parts, ctx_parts = [], []
+        for j in range(1, order + 1):
+            first_end = max(start, j - 1)          # the first new position with j - 1 tokens before it
+            if first_end >= len(seq):
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(seq, j)[first_end - j + 1:]   # [n, j]
+            h = np.full(len(windows), j, np.int64)  # _context_hash with seed 0
+            for t in range(j - 1):
+                h = h * _MULT + (windows[:, t] + 1)
+            ctx_parts.append(h)
+            full_parts.append(h * _MULT + (windows[:, j - 1] + 1))
+        if not full_parts:
+            return
+        full, ctx = np.concatenate(full_parts), np.concatenate(ctx_parts)
+        keys, first, cnt = np.unique(full, return_index=True, return_counts=True)
+        ctx, cnt = ctx[first], cnt.astype(np.float32)   # each key has one context
+        pos = np.searchsorted(self.keys, keys)
+        known = pos < len(self.keys)
+        known[known] = self.keys[pos[known]] == keys[known]
+        self.counts[pos[known]] += cnt[known]
+        fresh = ~known
+        self.keys = np.insert(self.keys, pos[fresh], keys[fresh])
+        self.counts = np.insert(self.counts, pos[fresh], cnt[fresh])
+        # c(h) grows by every new n-gram after h, T(h) by every new distinct one.
+        ctx_u, inv = np.unique(ctx, return_inverse=True)
+        add_c = np.bincount(inv, weights=cnt, minlength=len(ctx_u)).astype(np.float32)
+        add_t = np.bincount(inv, weights=fresh, minlength=len(ctx_u)).astype(np.float32)
+        pos = np.searchsorted(self.ctx_keys, ctx_u)
+        known = pos < len(self.ctx_keys)
+        known[known] = self.ctx_keys[pos[known]] == ctx_u[known]
+        self.ctx_counts[pos[known]] += add_c[known]
+        self.ctx_types[pos[known]] += add_t[known]
+        fresh = ~known
+        self.ctx_keys = np.insert(self.ctx_keys, pos[fresh], ctx_u[fresh])
+        self.ctx_counts = np.insert(self.ctx_counts, pos[fresh], add_c[fresh])
+        self.ctx_types = np.insert(self.ctx_types, pos[fresh], add_t[fresh])
+
+
+@dataclass
+class FlatNGram:
+    """An n-gram table as the kernels read it: ``S`` segments of sorted hash keys, segment
+    ``s`` being ``keys[key_off[s]:key_off[s + 1]]`` (and ``ctx_keys[ctx_off[s]:...]``).
+    The online model has one segment per batch row; a corpus table has one for all rows.
+    ``compact``: the keys are 32-bit (:func:`_compact`), so a query is compacted first;
+    ``keyed``: contexts were hashed with seed row + 1 (a table fitted per row); ``per_row``:
+    row b reads segment b (else every row reads segment 0)."""
+
+    keys: np.ndarray        # [N] int64, sorted within each segment
+    counts: np.ndarray      # [N] float32: c(h, w)
+    ctx_keys: np.ndarray    # [C] int64, sorted within each segment
+    ctx_counts: np.ndarray  # [C] float32: c(h)
+    ctx_types: np.ndarray   # [C] float32: T(h)
+    key_off: np.ndarray     # [S + 1] int64
+    ctx_off: np.ndarray     # [S + 1] int64
+    order: int
+    vocab_size: int
+    compact: bool = False
+    keyed: bool = False
+    per_row: bool = False
+
+    @classmethod
+    def from_model(cls, model: NGramModel) -> "FlatNGram":
+        keys, counts, ctx_keys, ctx_counts, ctx_types = model._numpy_tables()
+        return cls(keys.astype(np.int64), counts, ctx_keys.astype(np.int64), ctx_counts, ctx_types,
+                   np.array([0, len(keys)], np.int64), np.array([0, len(ctx_keys)], np.int64),
+                   model.order, model.vocab_size, compact=keys.dtype == np.int32, keyed=model.keyed_by_row)
+
+    def to(self, device) -> dict[str, torch.Tensor]:
+        """The arrays as tensors on ``device`` (for the Triton kernels)."""
+        names = ("keys", "counts", "ctx_keys", "ctx_counts", "ctx_types", "key_off", "ctx_off")
+        return {n: torch.from_numpy(np.ascontiguousarray(getattr(self, n))).to(device) for n in names}
+
+
+class OnlineNGram:
+    """The per-request online proxy, updated with each round's new tokens instead of refit
+    from the whole context: the same counts as :meth:`NGramModel.fit` over each row's
+    prefix, hence the same scores (tests/test_kernels.py). Rows follow the batch
+    (:meth:`select`, :meth:`extend`), like the drafter's prefix cache."""
+
+    def __init__(self, order: int, vocab_size: int, rows: int = 0) -> None:
+        self.order, self.vocab_size = order, vocab_size
+        self.rows: list[_RowCounts] = [_RowCounts() for _ in range(rows)]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+    def extend(self, rows: int) -> None:
+        self.rows += [_RowCounts() for _ in range(rows)]
+
+    def load_rows(self, rows: list) -> None:
+        """Start row j from ``rows[j]`` (a row of an earlier state, or None: nothing counted),
+        for callers whose batches change between rounds (vLLM keeps each request's row)."""
+        self.rows = [r if r is not None else _RowCounts() for r in rows]
+
+    def update(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, compiled=None) -> None:
+        """Count each row's tokens ``seen .. lengths[b]`` of ``tokens`` [B, T] (any device):
+        one host copy of the new columns. A row whose prefix got shorter than what was
+        counted (a caller reusing rows) starts over. ``compiled``: see :meth:`_RowCounts.add`."""
+        lengths = lengths_cpu.tolist()
+        for b, row in enumerate(self.rows):
+            if row.seen > lengths[b]:
+                self.rows[b] = _RowCounts()
+        seen = [r.seen for r in self.rows]
+        span = max((n - s for n, s in zip(lengths, seen)), default=0)
+        if span <= 0:
+            return
+        start = torch.tensor(seen, dtype=torch.int64)
+        cols = (start[:, None] + torch.arange(span)[None, :]).clamp(max=tokens.shape[1] - 1)
+        new = tokens.gather(1, cols.to(tokens.device)).cpu().numpy()                    # [B, span]
+        for b, row in enumerate(self.rows):
+            if lengths[b] > seen[b]:
+                row.add(new[b, : lengths[b] - seen[b]], self.order, compiled)
+
+    def flat(self) -> FlatNGram:
+        """All rows as one segmented table (segment b = row b)."""
+        rows = self.rows
+        def cat(name, dtype):
+            return np.concatenate([getattr(r, name) for r in rows]) if rows else np.zeros(0, dtype)
+        key_off = np.zeros(len(rows) + 1, np.int64)
+        ctx_off = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(r.keys) for r in rows], out=key_off[1:])
+        np.cumsum([len(r.ctx_keys) for r in rows], out=ctx_off[1:])
+        return FlatNGram(cat("keys", np.int64), cat("counts", np.float32), cat("ctx_keys", np.int64),
+                         cat("ctx_counts", np.float32), cat("ctx_types", np.float32), key_off, ctx_off,
+                         self.order, self.vocab_size, per_row=True)

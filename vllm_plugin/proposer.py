@@ -19,12 +19,13 @@ Terms:
 - *context*: a row's prompt + generated tokens, ``token_ids_cpu[row, :num_tokens_no_spec[row]]``
   (the tokens sampled this step already included).
 - *request state*: per request, its draft-length policy's row state, what was proposed last step and,
-  for a drafter with a prefix cache, the drafter's keys/values of the context. It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
+  for a drafter with a prefix cache, the drafter's keys/values of the context, and the online
+  proxy's n-gram counts of the context (grown each step by its new tokens). It is keyed by a fingerprint of the context it was proposed for. A row's next step finds
   it again by fingerprinting its context minus the tokens it just sampled: that is exactly
   the context of its previous proposal, whatever row the request moved to. Two requests with
   the same context share state, which is harmless: the same context gets the same draft.
   States not found again (finished or preempted requests) age out of a bounded LRU, and
-  the drafter caches they hold stay under ``DRAFTER_CACHE_BYTES`` (the least recently used
+  the drafter caches and proxy counts they hold stay under ``DRAFTER_CACHE_BYTES`` (the least recently used
   lose theirs first; such a request's next draft runs over its whole context).
 
 Options come from ``additional_config["diffuspec"]`` (``--additional-config`` on the command
@@ -61,7 +62,7 @@ logger = logging.getLogger("vllm.diffuspec_vllm")
 OPTIONS_KEY = "diffuspec"   # additional_config[OPTIONS_KEY] holds the drafter options
 DRAFTER_KEY = "drafter"     # ...and this key in it, the drafter folder
 PROPOSER_CLASS = "diffuspec_vllm.proposer.DiffuSpecProposer"  # the long-form speculative "model"
-DRAFTER_CACHE_BYTES = 1 << 30  # all requests' drafter prefix caches together
+DRAFTER_CACHE_BYTES = 1 << 30  # all requests' drafter prefix caches and proxy counts together
 
 
 # --------------------------------------------------------------------------- settings
@@ -174,41 +175,44 @@ class RequestState:
     path_len: int    # tokens proposed last step
     gen_len: int     # L_gen of last step's raw draft
     drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
+    ngrams: object | None = None         # the online proxy's counts of this context (diffuspec.proxy)
 
 
 class RequestStates:
     """Request states keyed by a fingerprint of the context they were proposed for (bounded
-    LRU; their drafter caches bounded by ``cache_bytes``)."""
+    LRU; the drafter caches and proxy counts they hold bounded by ``cache_bytes``)."""
 
     def __init__(self, capacity: int, cache_bytes: int = DRAFTER_CACHE_BYTES) -> None:
         self.capacity = capacity
         self.cache_bytes = cache_bytes
-        self.held_bytes = 0  # drafter caches held by the states
+        self.held_bytes = 0  # drafter caches and proxy counts held by the states
         self._states: OrderedDict[bytes, RequestState] = OrderedDict()
 
     @staticmethod
     def fingerprint(context: np.ndarray) -> bytes:  # [n] int32 token ids
         return hashlib.blake2b(np.ascontiguousarray(context).tobytes(), digest_size=16).digest()
 
+    @staticmethod
+    def _bytes(state: RequestState) -> int:
+        return sum(x.nbytes for x in (state.drafter_kv, state.ngrams) if x is not None)
+
     def pop(self, key: bytes) -> RequestState | None:
         state = self._states.pop(key, None)
-        if state is not None and state.drafter_kv is not None:
-            self.held_bytes -= state.drafter_kv.nbytes
+        if state is not None:
+            self.held_bytes -= self._bytes(state)
         return state
 
     def put(self, key: bytes, state: RequestState) -> None:
         self.pop(key)
         self._states[key] = state
-        if state.drafter_kv is not None:
-            self.held_bytes += state.drafter_kv.nbytes
+        self.held_bytes += self._bytes(state)
         while len(self._states) > self.capacity:
             self.pop(next(iter(self._states)))
-        for old in self._states.values():  # oldest first; the newest state keeps its cache
+        for old in self._states.values():  # oldest first; the newest state keeps its caches
             if self.held_bytes <= self.cache_bytes or old is state:
                 break
-            if old.drafter_kv is not None:
-                self.held_bytes -= old.drafter_kv.nbytes
-                old.drafter_kv = None
+            self.held_bytes -= self._bytes(old)  # dropped: rebuilt from the context when next needed
+            old.drafter_kv = old.ngrams = None
 
     def __len__(self) -> int:
         return len(self._states)
@@ -327,7 +331,7 @@ class DiffuSpecProposer:
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
-        kv = [p.drafter_kv if p else None for p in prev]  # rows that draft now replace theirs
+        kv = [(p.drafter_kv, p.ngrams) if p else (None, None) for p in prev]  # rows that draft now replace theirs
         out = self._guarded_draft(token_ids_cpu, rows, lengths, k, kv) if int(k.max()) > 0 else None
         if out is None:
             k = torch.zeros_like(k)
@@ -338,7 +342,7 @@ class DiffuSpecProposer:
                 path_len[j] = len(drafts[i])
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
-                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j]))
+                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j][0], ngrams=kv[j][1]))
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
@@ -414,10 +418,10 @@ class DiffuSpecProposer:
         return policy
 
     def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
-               kv: list[RowCache | None]):
+               kv: list[tuple]):
         """One batched drafter pass + lattice + CPS for the rows with k > 0. ``kv``: each
-        row's drafter prefix cache from its previous step (None: none). Returns per row the
-        path, its length, L_gen and the drafter caches after this pass."""
+        row's (drafter prefix cache, online proxy counts) from its previous step (None:
+        none). Returns per row the path, its length, L_gen and that pair after this pass."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
         width = int(lengths[sel.numpy()].max())
@@ -425,12 +429,13 @@ class DiffuSpecProposer:
         drafter = self.path_proposer.drafter
         device = next(drafter.parameters()).device
         tokens = torch.from_numpy(token_ids_cpu[sel_rows, :width].astype(np.int64)).to(device)  # [D, T]
-        state = drafter.new_state(len(sel_rows), width + int(k.max()) + 1)  # None: no prefix cache
-        if state is not None:
+        state = self.path_proposer.new_state(len(sel_rows), width + int(k.max()) + 1)
+        if state.drafter is not None:  # a drafter with a prefix cache
             # A cache must leave the row's newest token to feed (a fingerprint collision aside, it does).
-            state.load_rows([kv[j] if kv[j] is not None and kv[j].length < int(lengths[j]) else None
-                             for j in sel.tolist()])
-            self.stats.cached_tokens += int(state.cached.sum())
+            state.drafter.load_rows([kv[j][0] if kv[j][0] is not None and kv[j][0].length < int(lengths[j]) else None
+                                     for j in sel.tolist()])
+            self.stats.cached_tokens += int(state.drafter.cached.sum())
+        state.proxy.load_rows([kv[j][1] for j in sel.tolist()])
         prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
         self.stats.time_draft += prop.time_draft
@@ -444,9 +449,8 @@ class DiffuSpecProposer:
         for j, row in zip(sel.tolist(), host[:, 2:].tolist()):
             paths[j] = row
         kv = list(kv)
-        if state is not None:
-            for d, j in enumerate(sel.tolist()):
-                kv[j] = state.row(d)
+        for d, j in enumerate(sel.tolist()):
+            kv[j] = (state.drafter.row(d) if state.drafter is not None else None, state.proxy.rows[d])
         return paths, path_len, gen_len, kv
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
