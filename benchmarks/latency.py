@@ -188,6 +188,8 @@ METHODS: dict[str, Callable] = {
     "ar": _engine_method(speculate=False),
     "diffuspec": _engine_method(),
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
+    # the lattice build and path search on their references instead of diffuspec_kernels
+    "diffuspec-reference": _engine_method(kernels="reference"),
     "diffuspec-paper": _engine_method(adl="paper"),
     "diffuspec-cost": _engine_method(adl="cost"),
     "diffuspec-cost-k32": _engine_method(adl="cost", k_max=32),

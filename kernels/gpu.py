@@ -157,8 +157,8 @@ def _find(keys_ptr, lo, hi, q, n_iter):
 
 @triton.jit
 def _query(h, COMPACT: tl.constexpr):
-    if COMPACT:
-        return (h & 0xFFFFFFFF) - 2147483648
+    if COMPACT:  # typed int64 constants: a bare 0xFFFFFFFF would be a uint32
+        return (h & tl.full([], 0xFFFFFFFF, tl.int64)) - tl.full([], 2147483648, tl.int64)
     return h
 
 
