@@ -89,7 +89,9 @@ class Context:
             raise SystemExit("no embedded pair in this install: pass --target and --drafter")
         self.ar_drafter_dir = Path(args.ar_drafter) if args.ar_drafter else ROOT / "benchmarks" / "models" / "ar_drafter"
         table = args.proxy_table or (str(embedded_proxy_table()) if embedded_proxy_table() and not args.target else None)
+        self.table = table
         self.ds = DiffuSpec.from_pretrained(self.target_dir, self.drafter_dir, proxy_table=table)
+        self.remote_stats: dict = {}  # method name → RemoteStats (placement="ray")
         self.tokenizer = self.ds.tokenizer
         self.target = self.ds.target
         self.temperature = args.temperature
@@ -127,6 +129,23 @@ def _engine_method(**config) -> Callable:
             t = time.perf_counter()
             outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0,
                                speculate=speculate)
+            dt = time.perf_counter() - t
+            return [Run(o.token_ids, dt, o.stats) for o in outs]
+        return run
+    return make
+
+
+def _ray_method(name: str, pipelined: bool) -> Callable:
+    """diffuspec with the drafter in a Ray actor (placement="ray"; a local Ray is started)."""
+    def make(ctx: Context):
+        from diffuspec import DiffuSpec
+        ds = DiffuSpec.from_pretrained(ctx.target_dir, ctx.drafter_dir, placement="ray", pipelined=pipelined,
+                                       proxy_table=str(ctx.table) if ctx.table else None)
+        ctx.remote_stats[name] = ds.remote.stats
+
+        def run(batch: list[list[int]], max_new: int) -> list[Run]:
+            t = time.perf_counter()
+            outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0)
             dt = time.perf_counter() - t
             return [Run(o.token_ids, dt, o.stats) for o in outs]
         return run
@@ -190,6 +209,9 @@ METHODS: dict[str, Callable] = {
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
     # the lattice build and path search on their references instead of diffuspec_kernels
     "diffuspec-reference": _engine_method(kernels="reference"),
+    # the drafter in a Ray actor, without and with pre-drafting (pip install ray)
+    "diffuspec-ray": _ray_method("diffuspec-ray", pipelined=False),
+    "diffuspec-ray-pipelined": _ray_method("diffuspec-ray-pipelined", pipelined=True),
     "diffuspec-paper": _engine_method(adl="paper"),
     "diffuspec-cost": _engine_method(adl="cost"),
     "diffuspec-cost-k32": _engine_method(adl="cost", k_max=32),
@@ -300,6 +322,9 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
             "repeats": reps, "tokens_per_s_median": statistics.median(x["tokens_per_s_mean"] for x in reps),
             "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
             **summary, "eta": med / summary["tau"] if summary["tau"] else None}
+        if n in ctx.remote_stats:  # placement="ray": the wire and the pre-drafts
+            import dataclasses
+            result["methods"][n]["ray"] = dataclasses.asdict(ctx.remote_stats[n])
         split = summary["time_split"]
         result["methods"][n]["eta_verify_bound"] = (result["methods"][n]["eta"] / split["verify"]
                                                     if split and split["verify"] and summary["tau"] else None)

@@ -10,6 +10,7 @@ Every input is checked here, at the boundary; errors name the bad value and the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
@@ -57,8 +58,19 @@ class DiffuSpec:
         config: DiffuSpecConfig | dict | None = None,
         *,
         drafter_tokenizer=None,
+        placement: str = "local",
+        ray_address: str | None = None,
+        drafter_resources: dict | None = None,
+        pipelined: bool = False,
+        max_restarts: int = 3,
+        _drafter_path: str | Path | None = None,
         **config_kwargs: Any,
     ) -> None:
+        """``placement="ray"`` runs the drafter side in a Ray actor (diffuspec.remote):
+        ``ray_address`` (None: a local Ray), ``drafter_resources`` (Ray actor options; default
+        one GPU on CUDA, one CPU otherwise), ``pipelined`` (pre-draft the next round while the
+        target verifies), ``max_restarts`` (times Ray restarts a dead actor). The target stays
+        in this process."""
         if isinstance(config, dict):
             config = DiffuSpecConfig.from_kwargs(**config)
         config = (config or DiffuSpecConfig()).replace(**config_kwargs) if config_kwargs else (config or DiffuSpecConfig())
@@ -71,8 +83,14 @@ class DiffuSpec:
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         if drafter_tokenizer is not None:
             loading.check_shared_tokenizer(tokenizer, drafter_tokenizer)
+        if placement not in ("local", "ray"):
+            raise ValueError(f"placement={placement!r} must be 'local' (one process) or 'ray' (the drafter in a Ray "
+                             "actor)")
+        remote = placement == "ray" and (drafter_model is not None or _drafter_path is not None)
+        if remote:
+            config = _remote_config(config)
         self.drafter_int8 = False  # whether the drafter's linear layers run in int8
-        if drafter_model is not None:
+        if drafter_model is not None and not remote:
             self.drafter_int8 = loading.prepare_drafter(drafter_model, config, tokenizer).int8
         self.target = target_model.eval()
         self.drafter = drafter_model
@@ -81,8 +99,20 @@ class DiffuSpec:
         emit_vocab = loading.emit_vocab(target_model.get_output_embeddings().weight.shape[0], tokenizer)
         self.eos_token_id = loading.resolve_eos(tokenizer, getattr(target_model, "generation_config", None))
         self.max_context = loading.target_context(target_model.config)
-        proxy_table = loading.load_proxy_table(config, self.device)
-        self.engine = SpeculativeEngine(self.target, self.drafter, config, self.eos_token_id, emit_vocab, proxy_table)
+        self.remote = None  # the RemoteProposer with placement="ray"
+        if remote:
+            from . import remote as ray_placement
+            spec = {"config": dataclasses.asdict(config), "eos_token_id": self.eos_token_id, "emit_vocab": emit_vocab,
+                    "device": "cuda" if self.device.type == "cuda" else "cpu",
+                    "dtype": str(next(target_model.parameters()).dtype).removeprefix("torch."),
+                    "drafter_path": str(_drafter_path) if _drafter_path is not None else None,
+                    "drafter_module": drafter_model.cpu() if drafter_model is not None else None}
+            actor = ray_placement.start_drafter_actor(spec, ray_address, drafter_resources, max_restarts)
+            self.remote = ray_placement.RemoteProposer(actor, config, emit_vocab, pipelined, self.device)
+            self.drafter = None
+        proxy_table = loading.load_proxy_table(config, self.device) if not remote else None
+        self.engine = SpeculativeEngine(self.target, self.drafter, config, self.eos_token_id, emit_vocab, proxy_table,
+                                        proposer=self.remote)
         self._engines: dict[bool, SpeculativeEngine] = {config.speculate: self.engine}
 
     @property
@@ -98,12 +128,19 @@ class DiffuSpec:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        placement: str = "local",
+        ray_address: str | None = None,
+        drafter_resources: dict | None = None,
+        pipelined: bool = False,
+        max_restarts: int = 3,
         **config: Any,
     ) -> "DiffuSpec":
         """Load a target (transformers causal LM folder or id) and a drafter (Dream/LLaDA
         folder) that share a tokenizer. With neither, the embedded default pair (and its
         corpus proxy table). ``drafter=None`` with a target gives plain AR decoding.
-        Keyword arguments beyond device/dtype are configuration keys (see DiffuSpecConfig)."""
+        ``placement="ray"`` and its options: see ``__init__`` (the drafter is then loaded by the
+        actor, from the folder). Other keyword arguments are configuration keys (see
+        DiffuSpecConfig)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cfg = DiffuSpecConfig.from_kwargs(**config)  # reject unknown keys before loading anything
@@ -125,9 +162,12 @@ class DiffuSpec:
         drafter_model = drafter_tok = None
         if drafter is not None:
             drafter = loading.resolve_drafter_folder(drafter)
-            drafter_model = load_drafter(drafter, dtype=dtype, device=device)
+            if placement != "ray":
+                drafter_model = load_drafter(drafter, dtype=dtype, device=device)
             drafter_tok = loading.drafter_tokenizer(drafter)
-        return cls(target_model, drafter_model, tokenizer, cfg, drafter_tokenizer=drafter_tok)
+        return cls(target_model, drafter_model, tokenizer, cfg, drafter_tokenizer=drafter_tok, placement=placement,
+                   ray_address=ray_address, drafter_resources=drafter_resources, pipelined=pipelined,
+                   max_restarts=max_restarts, _drafter_path=drafter if placement == "ray" else None)
 
     # --------------------------------------------------------------- generation
     def generate(
@@ -223,7 +263,7 @@ class DiffuSpec:
             base = self.engine
             self._engines[speculate] = SpeculativeEngine(self.target, self.drafter,
                                                          self.config.replace(speculate=speculate), self.eos_token_id,
-                                                         base.emit_vocab, base.proxy_table)
+                                                         base.emit_vocab, base.proxy_table, proposer=self.remote)
         return self._engines[speculate]
 
     def _result(self, o) -> GenerationResult:
@@ -294,3 +334,12 @@ class DiffuSpec:
             else:
                 raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
         return ids
+
+
+def _remote_config(config: DiffuSpecConfig) -> DiffuSpecConfig:
+    """The config of placement="ray": the cost-aware policy profiles the drafter in this
+    process, which does not hold it, so "auto" runs the paper's ADL and "cost" is refused."""
+    if config.adl.policy == "cost":
+        raise ValueError("adl='cost' profiles the drafter in this process; with placement='ray' use adl='paper' "
+                         "(what 'auto' becomes there) or 'fixed'")
+    return config.replace(adl={"policy": "paper"}) if config.adl.policy == "auto" else config

@@ -93,6 +93,19 @@ def cmd_generate(args) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop or None, speculate=not args.no_speculate,
                     chat=args.chat)
+    if args.output and not args.stream:  # a job: resumable, on Ray Data replicas when asked
+        from .offline import run_job
+        load = dict(target=str(target) if target else None, drafter=str(drafter) if drafter else None,
+                    device=args.device, dtype=args.dtype, **_parse_config(args.config))
+        try:
+            t0 = time.perf_counter()
+            n = run_job(rows, args.output, load, sampling, replicas=args.replicas, ray_address=args.ray_address,
+                        log=log)
+        except (ValueError, TypeError, ImportError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        log(f"wrote {n} results to {args.output} in {time.perf_counter() - t0:.1f} s")
+        return 0
     try:
         ds = DiffuSpec.from_pretrained(target, drafter, device=args.device, dtype=args.dtype,
                                        **_parse_config(args.config))
@@ -111,13 +124,9 @@ def cmd_generate(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    records = [{"id": row["id"], "prompt": row["prompt"], "text": r.text, "token_ids": r.token_ids,
-                "finish_reason": r.finish_reason, "stats": r.stats.as_dict()} for row, r in zip(rows, results)]
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(rec) + "\n" for rec in records)
-        log(f"wrote {len(records)} results to {args.output} in {elapsed:.1f} s")
-    elif args.json:
+    from .offline import result_record
+    records = [result_record(row, r) for row, r in zip(rows, results)]
+    if args.json:
         for rec in records:
             print(json.dumps(rec | {"elapsed_s": elapsed}))
     else:
@@ -195,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="speculative generation for a prompt (or a JSONL prompt set)")
     g.add_argument("prompt", nargs="?", help="the prompt (default: --input FILE, or stdin)")
     g.add_argument("--input", help="a prompt file: JSONL with a \"prompt\" (and \"id\") per line, or plain text")
-    g.add_argument("--output", help="write one JSON line per prompt here (id, prompt, text, token ids, stats)")
+    g.add_argument("--output", help="append one JSON line per prompt here (id, prompt, text, token ids, stats) as "
+                                    "results arrive; re-running skips the ids already there")
+    g.add_argument("--replicas", type=int, default=1, help="with --output: DiffuSpec replicas on Ray Data (needs ray)")
+    g.add_argument("--ray-address", help="with --output: a Ray cluster's address (default: a local Ray)")
     g.add_argument("--stream", action="store_true", help="print the text as rounds finish")
     g.add_argument("--chat", action="store_true", help="apply the target tokenizer's chat template")
     g.add_argument("--target", help="target model folder (transformers causal LM)")

@@ -97,7 +97,10 @@ class SpeculativeEngine:
         eos_token_id: int | None,
         emit_vocab: int,
         proxy_table: NGramModel | None = None,
+        proposer=None,
     ) -> None:
+        """``proposer``: the proposal half when it is not a local PathProposer over ``drafter``
+        (diffuspec.remote.RemoteProposer: the drafter in a Ray actor)."""
         self.target = target_model
         self.drafter = drafter
         self.config = config
@@ -105,7 +108,9 @@ class SpeculativeEngine:
         self.emit_vocab = emit_vocab  # ids >= this are never drafted (the target cannot emit them)
         self.proxy_table = proxy_table
         self.device = next(target_model.parameters()).device
-        self.proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table) if drafter else None
+        if proposer is None and drafter is not None:
+            proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table)
+        self.proposer = proposer
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
         self.guards: dict[tuple, ThroughputGuard] = {}  # per decoding regime, see _guard
         self.drafter_failures = 0  # proposals that raised (each round decoded without drafts)
@@ -127,7 +132,7 @@ class SpeculativeEngine:
 
     @property
     def speculating(self) -> bool:
-        return self.config.speculate and self.drafter is not None
+        return self.config.speculate and self.proposer is not None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, decode: Decode | None = None
                  ) -> list[RequestOutput]:
@@ -337,10 +342,14 @@ class SpeculativeEngine:
                                               time_propose=t_draft + t_search,
                                               time_verify=0.0 if batch.prefilled else t_verify))
         t_other = time.perf_counter() - t0 - t_draft - t_search - t_verify
+        hit = proposal.predraft_hit
         for i, row in enumerate(host.tolist()):
             req = batch.requests[i]
             n = row[0]
             req.stats.observe_round(int(k[i]), row[1], n, t_draft, t_search, t_verify, t_other)
+            if hit is not None and int(k[i]) > 0:
+                req.stats.predraft_hits += int(hit[i])
+                req.stats.predraft_misses += 1 - int(hit[i])
             if self._append(req, row[3: 3 + n + 1], batch.params):
                 batch.active_cpu[i] = False
 

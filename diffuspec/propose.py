@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import diffuspec_kernels
+import numpy as np
 import torch
 
 from .config import DiffuSpecConfig
@@ -31,6 +32,8 @@ class Proposal:
     gen_len: torch.Tensor   # [B] int64 (device): L_gen, the raw argmax draft up to its EOS (ADL's input)
     time_draft: float
     time_search: float
+    # [B] bool (CPU): rows whose path was pre-drafted while the last round verified (Ray, pipelined)
+    predraft_hit: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, rows: int, device: torch.device) -> "Proposal":
@@ -147,3 +150,27 @@ class PathProposer:
             path = lattice.argmax_path()
         path = path.clamp(0, self.emit_vocab - 1)  # whatever the drafter produced, the target can take it
         return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)
+
+    def propose_contexts(self, contexts: list[np.ndarray], k: torch.Tensor, carry: list[tuple]
+                         ) -> tuple[Proposal, list[tuple]]:
+        """:meth:`propose` for callers whose batches change between calls (the vLLM proposer,
+        the Ray drafter actor): row j is the token-id context ``contexts[j]`` with draft
+        length ``k[j]`` (> 0), and ``carry[j]`` what that request kept from its last call —
+        (the drafter's prefix cache rows or None, the online proxy's row or None). Returns the
+        proposal (on the drafter's device) and each row's carry after it."""
+        device = next(self.drafter.parameters()).device
+        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
+        width = int(lengths.max())
+        tokens = np.zeros((len(contexts), width), np.int64)
+        for j, c in enumerate(contexts):
+            tokens[j, : len(c)] = c
+        state = self.new_state(len(contexts), width + int(k.max()) + 1)
+        if state.drafter is not None:  # a drafter with a prefix cache
+            # A cache must leave the row's newest token to feed.
+            state.drafter.load_rows([kv if kv is not None and kv.length < len(c) else None
+                                     for (kv, _), c in zip(carry, contexts)])
+        state.proxy.load_rows([ngrams for _, ngrams in carry])
+        proposal = self.propose(torch.from_numpy(tokens).to(device), lengths, k, state)
+        after = [(state.drafter.row(j) if state.drafter is not None else None, state.proxy.rows[j])
+                 for j in range(len(contexts))]
+        return proposal, after

@@ -343,6 +343,13 @@ class _RowCounts:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.keys, self.counts, self.ctx_keys, self.ctx_counts, self.ctx_types))
 
+    def copy(self) -> "_RowCounts":
+        out = _RowCounts()
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(out, name, value.copy() if isinstance(value, np.ndarray) else value)
+        return out
+
     def add(self, new: np.ndarray, order: int, compiled=None) -> None:
         """Count the n-grams (n = 1..order) that end at the ``new`` tokens (``compiled``: the
         same update compiled, diffuspec_kernels.cpu.add_ngrams)."""

@@ -48,6 +48,10 @@ class GenerationStats:
     time_verify: float = 0.0
     time_other: float = 0.0
     wall_time: float = 0.0
+    # placement="ray" with pipelined=True: drafting rounds whose path was pre-drafted while
+    # the previous round verified (ready at once), and those drafted anew
+    predraft_hits: int = 0
+    predraft_misses: int = 0
 
     def observe_round(self, k: int, drafted: int, accepted: int, time_draft: float, time_search: float,
                       time_verify: float, time_other: float) -> None:

@@ -424,19 +424,12 @@ class DiffuSpecProposer:
         none). Returns per row the path, its length, L_gen and that pair after this pass."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
-        width = int(lengths[sel.numpy()].max())
         assert self.path_proposer is not None
-        drafter = self.path_proposer.drafter
-        device = next(drafter.parameters()).device
-        tokens = torch.from_numpy(token_ids_cpu[sel_rows, :width].astype(np.int64)).to(device)  # [D, T]
-        state = self.path_proposer.new_state(len(sel_rows), width + int(k.max()) + 1)
-        if state.drafter is not None:  # a drafter with a prefix cache
-            # A cache must leave the row's newest token to feed (a fingerprint collision aside, it does).
-            state.drafter.load_rows([kv[j][0] if kv[j][0] is not None and kv[j][0].length < int(lengths[j]) else None
-                                     for j in sel.tolist()])
-            self.stats.cached_tokens += int(state.drafter.cached.sum())
-        state.proxy.load_rows([kv[j][1] for j in sel.tolist()])
-        prop = self.path_proposer.propose(tokens, torch.from_numpy(lengths[sel.numpy()]), k[sel], state)
+        contexts = [token_ids_cpu[i, : int(lengths[j])] for i, j in zip(sel_rows, sel.tolist())]
+        carried = [kv[j] for j in sel.tolist()]
+        self.stats.cached_tokens += sum(c[0].length for c, ctx in zip(carried, contexts)
+                                        if c[0] is not None and c[0].length < len(ctx))
+        prop, after = self.path_proposer.propose_contexts(contexts, k[sel], carried)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
@@ -450,7 +443,7 @@ class DiffuSpecProposer:
             paths[j] = row
         kv = list(kv)
         for d, j in enumerate(sel.tolist()):
-            kv[j] = (state.drafter.row(d) if state.drafter is not None else None, state.proxy.rows[d])
+            kv[j] = after[d]
         return paths, path_len, gen_len, kv
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
