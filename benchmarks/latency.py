@@ -152,6 +152,23 @@ def _ray_method(name: str, pipelined: bool) -> Callable:
     return make
 
 
+def ray_summary(stats, summary: dict) -> dict:
+    """The remote proposer's counters, per call, and the pipelining model's prediction for
+    a drafter and a target on separate GPUs (drafter pass 0.2..0.5 of a verify pass), at
+    this run's pre-draft hit rate (diffuspec.remote.pipelined_speedup)."""
+    import dataclasses
+
+    from diffuspec.remote import pipelined_speedup
+    out = dataclasses.asdict(stats)
+    calls = max(stats.calls, 1)
+    hits = stats.predraft_hits / max(stats.predraft_hits + stats.predraft_misses, 1)
+    out.update(roundtrip_ms_per_call=1e3 * stats.time_roundtrip / calls, bytes_sent_per_call=stats.bytes_sent / calls,
+               bytes_received_per_call=stats.bytes_received / calls, predraft_hit_rate=hits,
+               gpu_pair_model={f"draft/verify={r}": {f"roundtrip/verify={q}": pipelined_speedup(r, 1.0, q, hits)
+                                                    for q in (0.02, 0.1)} for r in (0.2, 0.35, 0.5)})
+    return out
+
+
 def _hf_method(**gen_kwargs) -> Callable:
     def make(ctx: Context):
         eos = ctx.ds.eos_token_id
@@ -322,9 +339,8 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
             "repeats": reps, "tokens_per_s_median": statistics.median(x["tokens_per_s_mean"] for x in reps),
             "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
             **summary, "eta": med / summary["tau"] if summary["tau"] else None}
-        if n in ctx.remote_stats:  # placement="ray": the wire and the pre-drafts
-            import dataclasses
-            result["methods"][n]["ray"] = dataclasses.asdict(ctx.remote_stats[n])
+        if n in ctx.remote_stats:  # placement="ray": the wire, the pre-drafts, the model for a GPU pair
+            result["methods"][n]["ray"] = ray_summary(ctx.remote_stats[n], summary)
         split = summary["time_split"]
         result["methods"][n]["eta_verify_bound"] = (result["methods"][n]["eta"] / split["verify"]
                                                     if split and split["verify"] and summary["tau"] else None)

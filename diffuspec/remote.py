@@ -328,6 +328,17 @@ class RemoteProposer:
 
 
 
+def pipelined_speedup(draft: float, verify: float, roundtrip: float, hit_rate: float) -> float:
+    """Predicted round-time ratio, not pipelined / pipelined, for a drafter and a target on
+    separate devices (times per round in any unit). Not pipelined a round costs
+    draft + roundtrip + verify. Pipelined, the pre-draft runs during verify: a hit waits
+    only for what of it outlasts verify, a miss also drafts anew:
+    verify + roundtrip + max(0, draft - verify) + (1 - hit_rate) * draft."""
+    plain = draft + roundtrip + verify
+    piped = verify + roundtrip + max(0.0, draft - verify) + (1.0 - hit_rate) * draft
+    return plain / piped
+
+
 # ---------------------------------------------------------------------------- start-up
 def _check_address(address: str | None) -> None:
     """An unreachable address fails here, in seconds, naming the fix (ray.init would wait)."""

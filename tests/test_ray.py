@@ -130,3 +130,10 @@ def test_unreachable_address_and_missing_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'diffuspec\[ray\]'"):
         DiffuSpec.from_pretrained(placement="ray")
+
+
+def test_pipelining_model():
+    from diffuspec.remote import pipelined_speedup
+    assert pipelined_speedup(2.0, 10.0, 0.5, hit_rate=0.0) == pytest.approx(1.0)   # every pre-draft missed
+    assert pipelined_speedup(2.0, 10.0, 0.5, hit_rate=1.0) == pytest.approx(12.5 / 10.5)  # drafting fully hidden
+    assert pipelined_speedup(20.0, 10.0, 0.0, hit_rate=1.0) == pytest.approx(30.0 / 20.0)  # the draft outlasts verify
