@@ -83,12 +83,12 @@ class DiffuSpec:
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         if drafter_tokenizer is not None:
             loading.check_shared_tokenizer(tokenizer, drafter_tokenizer)
-        if placement not in ("local", "ray"):
-            raise ValueError(f"placement={placement!r} must be 'local' (one process) or 'ray' (the drafter in a Ray "
-                             "actor)")
+        from .remote import check_placement
+        check_placement(placement, drafter_resources)
         remote = placement == "ray" and (drafter_model is not None or _drafter_path is not None)
         if remote:
-            config = _remote_config(config)
+            from .remote import remote_config
+            config = remote_config(config)
         self.drafter_int8 = False  # whether the drafter's linear layers run in int8
         if drafter_model is not None and not remote:
             self.drafter_int8 = loading.prepare_drafter(drafter_model, config, tokenizer).int8
@@ -335,11 +335,3 @@ class DiffuSpec:
                 raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
         return ids
 
-
-def _remote_config(config: DiffuSpecConfig) -> DiffuSpecConfig:
-    """The config of placement="ray": the cost-aware policy profiles the drafter in this
-    process, which does not hold it, so "auto" runs the paper's ADL and "cost" is refused."""
-    if config.adl.policy == "cost":
-        raise ValueError("adl='cost' profiles the drafter in this process; with placement='ray' use adl='paper' "
-                         "(what 'auto' becomes there) or 'fixed'")
-    return config.replace(adl={"policy": "paper"}) if config.adl.policy == "auto" else config

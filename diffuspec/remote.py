@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import OrderedDict
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0   # a proposal call with no drafter_timeout_s set
 START_TIMEOUT_S = 300.0     # the actor must load its drafter within this
+MAX_REQUESTS = 4096         # requests an actor keeps; the least recently used beyond are resent when seen again
 
 
 class DrafterUnavailable(RuntimeError):
@@ -85,7 +87,7 @@ class DrafterWorker:
         self.proposer = PathProposer(drafter, config, spec["eos_token_id"], spec["emit_vocab"], table)
         self.grow = config.adl.delta
         self.k_max = config.adl.k_max
-        self.requests: dict[str, _Request] = {}
+        self.requests: OrderedDict[str, _Request] = OrderedDict()  # least recently used first
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
 
     def ready(self) -> str:
@@ -115,6 +117,7 @@ class DrafterWorker:
         todo = []
         for j, (key, start, new, kj) in enumerate(rows):
             req = self.requests.setdefault(key, _Request())
+            self.requests.move_to_end(key)
             pre, req.pre = req.pre, None
             req.tokens.extend(np.asarray(new).tolist())
             if pre is not None and np.array_equal(pre["expect"], new) and kj <= pre["k"]:
@@ -127,6 +130,8 @@ class DrafterWorker:
                     req.pre = {"guess": pre["full"][: kj + 1], "k": kj}
             else:
                 todo.append(j)
+        while len(self.requests) > MAX_REQUESTS:  # callers that never say a request ended (vLLM): bounded
+            self.requests.popitem(last=False)
         t_draft = t_search = 0.0
         if todo:
             # pipelined: one position more than asked, whose path token guesses the bonus
@@ -194,6 +199,15 @@ class RemoteState:
     def extend(self, rows: int) -> None:
         self.keys += [uuid.uuid4().hex for _ in range(rows)]
         self.sent += [0] * rows
+
+
+@dataclass
+class RemoteHandle:
+    """A request's place on the drafter actor, kept by callers that hold no RemoteState
+    across calls (the vLLM proposer keeps it in the request's state)."""
+    key: str
+    sent: int
+    nbytes: int = 0  # (counted against the proposer's cache budget: nothing)
 
 
 @dataclass
@@ -340,6 +354,27 @@ def pipelined_speedup(draft: float, verify: float, roundtrip: float, hit_rate: f
 
 
 # ---------------------------------------------------------------------------- start-up
+def remote_config(config: DiffuSpecConfig) -> DiffuSpecConfig:
+    """The config of a remote drafter: the cost-aware policy profiles the drafter in the
+    calling process, which does not hold it, so "auto" runs the paper's ADL and "cost" is
+    refused."""
+    if config.adl.policy == "cost":
+        raise ValueError("adl='cost' profiles the drafter in this process; with the drafter on Ray use adl='paper' "
+                         "(what 'auto' becomes there) or 'fixed'")
+    return config.replace(adl={"policy": "paper"}) if config.adl.policy == "auto" else config
+
+
+def check_placement(placement: str, drafter_resources) -> None:
+    if placement not in ("local", "ray"):
+        raise ValueError(f"placement={placement!r} must be 'local' (one process) or 'ray' (the drafter in a Ray "
+                         "actor)")
+    if drafter_resources is not None and not (isinstance(drafter_resources, dict) and all(
+            isinstance(v, (int, float, dict)) and not isinstance(v, bool) for v in drafter_resources.values())):
+        raise ValueError(f"drafter_resources={drafter_resources!r} must be a dict of Ray actor options, e.g. "
+                         "{'num_gpus': 1} or {'num_cpus': 2}")
+
+
+
 def _check_address(address: str | None) -> None:
     """An unreachable address fails here, in seconds, naming the fix (ray.init would wait)."""
     if address in (None, "", "auto", "local"):

@@ -137,3 +137,4 @@ def test_pipelining_model():
     assert pipelined_speedup(2.0, 10.0, 0.5, hit_rate=0.0) == pytest.approx(1.0)   # every pre-draft missed
     assert pipelined_speedup(2.0, 10.0, 0.5, hit_rate=1.0) == pytest.approx(12.5 / 10.5)  # drafting fully hidden
     assert pipelined_speedup(20.0, 10.0, 0.0, hit_rate=1.0) == pytest.approx(30.0 / 20.0)  # the draft outlasts verify
+

@@ -679,3 +679,54 @@ def test_server_soak_with_drafter_faults(tmp_path):
     assert "diffuspec: the drafter failed" in log or "longer than drafter_timeout_s" in log, log[-3000:]
     for kind in ("exception", "hang", "nan", "range"):
         assert f"injected fault {kind}" in log, (kind, log[-3000:])
+
+
+# ---------------------------------------------------------------------------- the drafter on Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_remote_drafter_on_ray_is_exact(pair, baseline):
+    """The real engine with drafter_placement="ray": vLLM's worker starts a local Ray and the
+    drafter actor; outputs equal the engine's without speculation, with accepted drafts."""
+    result, log = _engine_subprocess({
+        "target": str(pair[0]),
+        "speculative_config": {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": K},
+        "additional_config": {"diffuspec": {"drafter": str(pair[1]), "drafter_placement": "ray"}},
+    })
+    _assert_exact_with_drafts(result, log, baseline)
+
+
+def test_vllm_proposer_with_the_drafter_on_ray(local_ray, proposer_pair):
+    """The vLLM proposer with drafter_placement="ray" drafts exactly what it drafts with the
+    drafter in process (same policy), step after step, rows moving between steps."""
+    options = dict(k=6, k_min=1, k_init=3, adl="paper")
+    local = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, **options))
+    remote = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, **options, drafter_placement="ray"))
+    local.load_model(None)
+    remote.load_model(None)
+    assert remote.remote is not None and remote.path_proposer is None
+    contexts, sampled = [[5, 6, 7, 8, 9, 10], [20, 21, 22]], [[10], [22]]
+    drafted = 0
+    for step in range(4):
+        lengths, tokens = _batch(contexts)
+        drafts = remote.propose(sampled, lengths, tokens)
+        assert drafts == local.propose(sampled, lengths, tokens)
+        drafted += sum(map(len, drafts))
+        new0, new1 = drafts[0][:1] + [30 + step], [40 + step]
+        contexts, sampled = [contexts[1] + new1, contexts[0] + new0], [new1, new0]
+    assert drafted > 0 and remote.stats.failures == 0
+    assert remote.remote.stats.calls >= 4
+
+
+def test_vllm_remote_drafter_bad_options(local_ray, proposer_pair):
+    with pytest.raises(ValueError, match="placement='nowhere' must be"):
+        DiffuSpecProposer(_fake_vllm_config(*proposer_pair, drafter_placement="nowhere"))
+    with pytest.raises(ValueError, match="cannot be reached"):
+        DiffuSpecProposer(_fake_vllm_config(*proposer_pair, drafter_placement="ray", ray_address="127.0.0.1:9"))
+    with pytest.raises(ValueError, match="adl='cost' profiles the drafter"):
+        DiffuSpecProposer(_fake_vllm_config(*proposer_pair, drafter_placement="ray", adl="cost"))

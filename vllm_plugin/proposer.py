@@ -36,6 +36,7 @@ front end (through the plugin) and again in the worker that builds the proposer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -61,6 +62,7 @@ logger = logging.getLogger("vllm.diffuspec_vllm")
 
 OPTIONS_KEY = "diffuspec"   # additional_config[OPTIONS_KEY] holds the drafter options
 DRAFTER_KEY = "drafter"     # ...and this key in it, the drafter folder
+PLACEMENT_KEYS = ("drafter_placement", "ray_address", "drafter_resources")  # a drafter on Ray (diffuspec.remote)
 PROPOSER_CLASS = "diffuspec_vllm.proposer.DiffuSpecProposer"  # the long-form speculative "model"
 DRAFTER_CACHE_BYTES = 1 << 30  # all requests' drafter prefix caches and proxy counts together
 
@@ -74,6 +76,11 @@ class ProposerSettings:
     eos_token_id: int | None
     emit_vocab: int               # ids >= this are never drafted (the target cannot emit them)
     max_model_len: int
+    # "ray": the drafter runs in a Ray actor (diffuspec.remote), at ray_address (None: a local
+    # Ray) with drafter_resources (Ray actor options)
+    drafter_placement: str = "local"
+    ray_address: str | None = None
+    drafter_resources: dict | None = None
 
 
 def resolve_settings(
@@ -97,11 +104,27 @@ def resolve_settings(
                         f"got {type(options).__name__}: {options!r}")
     options = dict(options)
     drafter = options.pop(DRAFTER_KEY, None)
+    placement = {name: options.pop(name, None) for name in PLACEMENT_KEYS}
     try:
         config = DiffuSpecConfig.from_kwargs(**options)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"additional_config[{OPTIONS_KEY!r}]: {exc}; plus {DRAFTER_KEY!r}, the drafter folder") from None
+        raise type(exc)(f"additional_config[{OPTIONS_KEY!r}]: {exc}; plus {DRAFTER_KEY!r}, the drafter folder, and "
+                        f"{list(PLACEMENT_KEYS)}") from None
     config = _fit_draft_length(config, k, options)
+    where = placement["drafter_placement"] or "local"
+    try:
+        from diffuspec.remote import _check_address, check_placement, remote_config
+        check_placement(where, placement["drafter_resources"])
+        if where == "ray":
+            config = remote_config(config)
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("drafter_placement='ray' needs Ray in the vLLM environment: pip install "
+                                 "'diffuspec[ray]'") from None
+            _check_address(placement["ray_address"])
+    except ValueError as exc:
+        raise ValueError(f"additional_config[{OPTIONS_KEY!r}]: {exc}") from None
 
     target = Path(str(model_config.model))
     if drafter is None:
@@ -121,7 +144,9 @@ def resolve_settings(
     eos, tokenizer = _check_tokenizers(model_config, drafter_path)
     emit_vocab = loading.emit_vocab(int(model_config.get_vocab_size()), tokenizer)
     return ProposerSettings(drafter_path=drafter_path, config=config, num_speculative_tokens=k,
-                            eos_token_id=eos, emit_vocab=emit_vocab, max_model_len=int(model_config.max_model_len))
+                            eos_token_id=eos, emit_vocab=emit_vocab, max_model_len=int(model_config.max_model_len),
+                            drafter_placement=where, ray_address=placement["ray_address"],
+                            drafter_resources=placement["drafter_resources"])
 
 
 def settings_from_vllm_config(vllm_config: Any) -> ProposerSettings:
@@ -252,6 +277,7 @@ class DiffuSpecProposer:
         self.states = RequestStates(capacity=4 * max_seqs + 64)
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
+        self.remote = None  # the RemoteProposer when the drafter runs on Ray
         self.device = self.default_device  # where the drafter runs (the target's device), set by load_model
         cfg = self.settings.config
         # The cost-aware policy learns vLLM's step cost while serving (vLLM packs a step's
@@ -274,6 +300,17 @@ class DiffuSpecProposer:
             param = next(iter(target_model.parameters()), None)
             device = param.device if param is not None else device
         self.device = device
+        if s.drafter_placement == "ray":
+            from diffuspec import remote
+            spec = {"config": dataclasses.asdict(s.config), "eos_token_id": s.eos_token_id, "emit_vocab": s.emit_vocab,
+                    "device": "cuda" if device.type == "cuda" else "cpu",
+                    "dtype": str(self.dtype).removeprefix("torch."), "drafter_path": str(s.drafter_path)}
+            actor = remote.start_drafter_actor(spec, s.ray_address, s.drafter_resources, max_restarts=3)
+            self.remote = remote.RemoteProposer(actor, s.config, s.emit_vocab, pipelined=False,
+                                                device=torch.device("cpu"))
+            logger.info("diffuspec: drafter %s in a Ray actor (%s); k in [%d, %d]", s.drafter_path,
+                        s.drafter_resources or "default resources", s.config.adl.k_min, s.config.adl.k_max)
+            return
         prepared = loading.prepare_drafter(load_drafter(s.drafter_path, dtype=self.dtype, device=device), s.config,
                                            where=f"drafter {str(s.drafter_path)!r}")
         drafter = prepared.drafter
@@ -293,7 +330,7 @@ class DiffuSpecProposer:
         slot_mappings: Any = None,           # unused: the drafter keeps no KV cache in vLLM's blocks
     ) -> list[list[int]]:
         t0 = time.perf_counter()
-        if self.path_proposer is None:
+        if self.path_proposer is None and self.remote is None:
             self.load_model(None)
         s = self.settings
         n_rows = len(sampled_token_ids)
@@ -424,12 +461,15 @@ class DiffuSpecProposer:
         none). Returns per row the path, its length, L_gen and that pair after this pass."""
         sel = torch.nonzero(k > 0).flatten()                                     # [D] indices into rows
         sel_rows = [rows[j] for j in sel.tolist()]
-        assert self.path_proposer is not None
         contexts = [token_ids_cpu[i, : int(lengths[j])] for i, j in zip(sel_rows, sel.tolist())]
         carried = [kv[j] for j in sel.tolist()]
-        self.stats.cached_tokens += sum(c[0].length for c, ctx in zip(carried, contexts)
-                                        if c[0] is not None and c[0].length < len(ctx))
-        prop, after = self.path_proposer.propose_contexts(contexts, k[sel], carried)
+        if self.remote is not None:
+            prop, after = self._draft_remote(contexts, k[sel], carried)
+        else:
+            assert self.path_proposer is not None
+            self.stats.cached_tokens += sum(c[0].length for c, ctx in zip(carried, contexts)
+                                            if c[0] is not None and c[0].length < len(ctx))
+            prop, after = self.path_proposer.propose_contexts(contexts, k[sel], carried)
         host = torch.cat([prop.path_len[:, None], prop.gen_len[:, None], prop.path], dim=1).cpu()  # one sync
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
@@ -445,6 +485,23 @@ class DiffuSpecProposer:
         for d, j in enumerate(sel.tolist()):
             kv[j] = after[d]
         return paths, path_len, gen_len, kv
+
+    def _draft_remote(self, contexts: list[np.ndarray], k: torch.Tensor, carried: list[tuple]):
+        """:meth:`_draft`'s proposal from the drafter actor: each request's handle there
+        (its key, and how many of its tokens the actor holds) rides in its state's carry."""
+        from diffuspec.remote import RemoteHandle, RemoteState
+
+        state = RemoteState(len(contexts))
+        for j, (handle, _) in enumerate(carried):
+            if isinstance(handle, RemoteHandle):
+                state.keys[j], state.sent[j] = handle.key, handle.sent
+        width = max(len(c) for c in contexts)
+        tokens = torch.zeros(len(contexts), width, dtype=torch.int64)
+        for j, c in enumerate(contexts):
+            tokens[j, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.int64))
+        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
+        prop = self.remote.propose(tokens, lengths, k, state)
+        return prop, [(RemoteHandle(state.keys[j], state.sent[j]), None) for j in range(len(contexts))]
 
     def _count(self, drafts: list[list[int]], rows: list[int], elapsed: float) -> None:
         st = self.stats
