@@ -226,6 +226,8 @@ METHODS: dict[str, Callable] = {
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
     # the lattice build and path search on their references instead of diffuspec_kernels
     "diffuspec-reference": _engine_method(kernels="reference"),
+    # continuations copied from the context join the lattice (retrieval={"enabled": True})
+    "diffuspec-retrieval": _engine_method(retrieval={"enabled": True}),
     # the drafter in a Ray actor, without and with pre-drafting (pip install ray)
     "diffuspec-ray": _ray_method("diffuspec-ray", pipelined=False),
     "diffuspec-ray-pipelined": _ray_method("diffuspec-ray-pipelined", pipelined=True),

@@ -56,6 +56,26 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    # Add continuations copied from the request's own context to the lattice (as prompt
+    # lookup proposes them): after the latest earlier occurrence of the context's last n
+    # tokens, for each n in min_match..max_match, the tokens that followed become
+    # candidates at the positions they cover (diffuspec.lattice.add_context_candidates).
+    enabled: bool = False
+    max_match: int = 3
+    min_match: int = 1
+    # Their drafter-side weight: a copied token enters with log q = log(prior) (a token the
+    # drafter already proposes keeps the larger of the two).
+    prior: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.min_match <= self.max_match <= 8,
+               f"retrieval needs 1 <= min_match <= max_match <= 8, got min_match={self.min_match!r}, "
+               f"max_match={self.max_match!r}")
+        _check(0.0 < self.prior <= 1.0, f"retrieval prior={self.prior!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class CPSConfig:
     # Run the causal-consistency path search; False takes the per-position argmax path.
     enabled: bool = True
@@ -121,6 +141,7 @@ class DiffuSpecConfig:
     lattice: LatticeConfig = field(default_factory=LatticeConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     cps: CPSConfig = field(default_factory=CPSConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     adl: ADLConfig = field(default_factory=ADLConfig)
     # Draft at all; False runs plain AR decoding through the same engine (the baseline).
     speculate: bool = True
@@ -210,12 +231,14 @@ class DiffuSpecConfig:
                 owners = [name for name in _SECTIONS if key in _section_fields(name)]
                 if len(owners) != 1:
                     raise TypeError(f"unknown config key {key!r}; valid keys: {sorted(valid_config_keys())} "
-                                    f"(or nested: adl={{...}}, cps={{...}}, lattice={{...}}, proxy={{...}})")
+                                    f"(or nested: adl={{...}}, cps={{...}}, lattice={{...}}, proxy={{...}}, "
+                                    f"retrieval={{...}})")
                 nested[owners[0]][key] = value
         return DiffuSpecConfig(**top, **{name: _SECTIONS[name](**values) for name, values in nested.items()})
 
 
-_SECTIONS: dict[str, type] = {"lattice": LatticeConfig, "proxy": ProxyConfig, "cps": CPSConfig, "adl": ADLConfig}
+_SECTIONS: dict[str, type] = {"lattice": LatticeConfig, "proxy": ProxyConfig, "cps": CPSConfig, "adl": ADLConfig,
+                              "retrieval": RetrievalConfig}
 
 
 def _section_fields(name: str) -> set[str]:

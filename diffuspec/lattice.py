@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import LatticeConfig
@@ -80,3 +81,52 @@ def build_lattice(
     valid = keep & (torch.arange(kmax, device=logq.device)[None, :, None] < length[:, None, None])
     top_logq = top_logq.masked_fill(~valid, float("-inf"))
     return Lattice(tokens=top_tok, logq=top_logq, valid=valid, length=length, gen_len=gen_len)
+
+
+def context_continuations(tokens: np.ndarray, length: int, k: int, min_match: int, max_match: int) -> np.ndarray:
+    """Prompt-lookup candidates of one row: for each match length n = max_match..min_match,
+    the k tokens that followed the latest earlier occurrence of the row's last n tokens
+    (-1 where there is none, or where the context ends first). Returns [R, k] int64,
+    R = max_match - min_match + 1. (The compiled version: diffuspec_kernels.cpu.)"""
+    out = np.full((max_match - min_match + 1, k), -1, np.int64)
+    for r, n in enumerate(range(max_match, min_match - 1, -1)):
+        if length <= n:
+            continue
+        pattern = tokens[length - n: length]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: length - 1], n)   # starts 0 .. length-1-n
+        hits = np.flatnonzero((windows == pattern).all(1))
+        if len(hits):
+            start = hits[-1] + n
+            cont = tokens[start: min(start + k, length)]
+            out[r, : len(cont)] = cont
+    return out
+
+
+def add_context_candidates(
+    lattice: Lattice,
+    candidates: torch.Tensor,  # [B, R, k] int64: copied continuations (-1: none), see context_continuations
+    prior: float,
+) -> Lattice:
+    """The lattice with copied tokens as candidates at the positions they cover (only where
+    the lattice has a position: before its length). A copied token the drafter already
+    proposes keeps the larger log q; a new one enters with log(prior) in a new column."""
+    b, kmax, m = lattice.tokens.shape
+    r = candidates.shape[1]
+    cand = candidates[..., :kmax].to(lattice.tokens.device)
+    if cand.shape[-1] < kmax:
+        cand = torch.cat([cand, cand.new_full((b, r, kmax - cand.shape[-1]), -1)], dim=-1)
+    cand = cand.transpose(1, 2)                                                             # [B, k, R]
+    inside = torch.arange(kmax, device=cand.device)[None, :, None] < lattice.length[:, None, None]
+    cand = torch.where(inside, cand, torch.full_like(cand, -1))
+    same = (cand[..., :, None] == lattice.tokens[..., None, :]) & lattice.valid[..., None, :]  # [B, k, R, M]
+    log_prior = torch.tensor(prior, dtype=lattice.logq.dtype, device=cand.device).log()
+    boosted = torch.where(same.any(2) & (lattice.logq < log_prior), log_prior, lattice.logq)
+    # a new column per copied continuation; duplicates of a drafter token or of an earlier copy are left out
+    earlier = torch.triu(torch.ones(r, r, dtype=torch.bool, device=cand.device), diagonal=1)   # [R', R]: R' < R
+    repeat = ((cand[..., :, None] == cand[..., None, :]) & earlier.T).any(-1)               # [B, k, R]
+    new = (cand >= 0) & ~same.any(-1) & ~repeat
+    tokens = torch.cat([lattice.tokens, cand.clamp(min=0)], dim=-1)
+    logq = torch.cat([boosted, torch.where(new, log_prior, torch.full_like(cand, float("-inf"),
+                                                                          dtype=lattice.logq.dtype))], dim=-1)
+    valid = torch.cat([lattice.valid, new], dim=-1)
+    return Lattice(tokens=tokens, logq=logq, valid=valid, length=lattice.length, gen_len=lattice.gen_len)

@@ -21,7 +21,7 @@ import torch
 from .config import DiffuSpecConfig
 from .cps import search_path
 from .drafters.base import DiffusionDrafter
-from .lattice import build_lattice
+from .lattice import add_context_candidates, build_lattice, context_continuations
 from .proxy import CausalProxy, FlatNGram, NGramModel, OnlineNGram
 
 
@@ -129,6 +129,9 @@ class PathProposer:
         kernels = self.kernels(logq.device)
         build = build_lattice if kernels is None else kernels.build_lattice
         lattice = build(logq, k_cpu.to(dev), self.eos_token_id, cfg.lattice)
+        if cfg.retrieval.enabled:
+            lattice = add_context_candidates(lattice, self._retrieve(tokens, lengths_cpu, kmax, kernels),
+                                             cfg.retrieval.prior)
         if cfg.cps.enabled:
             lengths = lengths_cpu.to(dev)
             # The proxy's context for each row: its last order-1 prefix tokens, -1 before the start.
@@ -150,6 +153,17 @@ class PathProposer:
             path = lattice.argmax_path()
         path = path.clamp(0, self.emit_vocab - 1)  # whatever the drafter produced, the target can take it
         return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)
+
+    def _retrieve(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, kmax: int, kernels) -> torch.Tensor:
+        """[B, R, kmax] int64: each row's continuations copied from its own context (-1: none)."""
+        r = self.config.retrieval
+        host = tokens.cpu().numpy()
+        lengths = lengths_cpu.numpy()
+        compiled = getattr(kernels, "context_continuations", None)
+        if compiled is not None:
+            return torch.from_numpy(compiled(host, lengths.astype(np.int64), kmax, r.min_match, r.max_match))
+        return torch.from_numpy(np.stack([context_continuations(host[b], int(lengths[b]), kmax, r.min_match,
+                                                                r.max_match) for b in range(len(lengths))]))
 
     def propose_contexts(self, contexts: list[np.ndarray], k: torch.Tensor, carry: list[tuple]
                          ) -> tuple[Proposal, list[tuple]]:

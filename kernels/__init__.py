@@ -69,6 +69,7 @@ class CompiledKernels(_Kernels):
         from . import cpu  # numba compiles (or loads its cache) on first call
         self._cpu = cpu
         self.add_ngrams = cpu.add_ngrams  # the online proxy's update (OnlineNGram.update)
+        self.context_continuations = cpu.context_continuations  # retrieval candidates, [B, R, k]
 
     def prepare_table(self, table: FlatNGram, device: torch.device) -> FlatNGram:
         return table

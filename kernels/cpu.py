@@ -360,3 +360,30 @@ def add_ngrams(keys, counts, ctx_keys, ctx_counts, ctx_types, tail, new, order):
     _, add_t = _runs(ctx_sorted, fresh[by_ctx].astype(np.float32))
     ctx_keys, ctx_counts, ctx_types, _ = _merge(ctx_keys, ctx_counts, ctx_types, ctx_u, add_c, add_t)
     return keys, counts, ctx_keys, ctx_counts, ctx_types
+
+
+# ---------------------------------------------------------------------------- context retrieval
+@nb.njit(cache=True, nogil=True)
+def context_continuations(tokens, lengths, k, min_match, max_match):
+    """:func:`diffuspec.lattice.context_continuations` for every row of tokens [B, T]:
+    [B, R, k] int64 (-1: none), R = max_match - min_match + 1."""
+    b_n = tokens.shape[0]
+    out = np.full((b_n, max_match - min_match + 1, k), -1, np.int64)
+    for b in range(b_n):
+        length = lengths[b]
+        for r in range(max_match - min_match + 1):
+            n = max_match - r
+            if length <= n:
+                continue
+            for s in range(length - 1 - n, -1, -1):   # the latest earlier occurrence first
+                same = True
+                for t in range(n):
+                    if tokens[b, s + t] != tokens[b, length - n + t]:
+                        same = False
+                        break
+                if same:
+                    start = s + n
+                    for i in range(min(k, length - start)):
+                        out[b, r, i] = tokens[b, start + i]
+                    break
+    return out

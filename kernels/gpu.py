@@ -303,10 +303,10 @@ class TritonKernels(_Kernels):
             if major < 7:
                 raise RuntimeError(f"compute capability {major}.x is below what Triton supports (7.0)")
         self.device = device
-        self.add_ngrams = None
-        try:  # the online proxy's counts are kept on the host: compiled when numba is there
-            from .cpu import add_ngrams
-            self.add_ngrams = add_ngrams
+        self.add_ngrams = self.context_continuations = None
+        try:  # the online proxy's counts and the retrieval scan run on the host: compiled when numba is there
+            from .cpu import add_ngrams, context_continuations
+            self.add_ngrams, self.context_continuations = add_ngrams, context_continuations
         except Exception:
             pass
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -303,3 +304,26 @@ def test_cps_numpy_and_torch_searches_agree(tabulated, monkeypatch):
             for row in range(3):
                 n = int(lat.length[row])
                 assert a[row, :n].tolist() == b[row, :n].tolist(), (trial, cfg, row)
+
+
+def test_context_candidates_join_the_lattice_by_hand():
+    """Prompt-lookup continuations: the latest earlier match of the last n tokens, longest
+    n first; merged where the lattice has a position, a drafter token keeping the larger
+    log q, a new token in a new column with log(prior), repeats left out."""
+    from diffuspec.lattice import Lattice, add_context_candidates, context_continuations
+
+    t = np.array([5, 6, 7, 8, 5, 6, 9, 9, 5, 6])
+    assert context_continuations(t, 10, 4, 1, 3).tolist() == [[-1] * 4, [9, 9, 5, 6], [9, 9, 5, 6]]
+    assert context_continuations(t, 3, 4, 1, 2).tolist() == [[-1] * 4, [-1] * 4]  # nothing earlier matches
+    inf = float("-inf")
+    lattice = Lattice(tokens=torch.tensor([[[10, 11], [12, 13], [14, 15]]]),
+                      logq=torch.tensor([[[-0.1, -3.0], [-0.2, inf], [-0.3, inf]]]),
+                      valid=torch.tensor([[[True, True], [True, False], [True, False]]]),
+                      length=torch.tensor([2]), gen_len=torch.tensor([3]))
+    out = add_context_candidates(lattice, torch.tensor([[[11, 20, 30], [11, 21, -1], [-1, 20, 31]]]), 0.3)
+    lp = float(np.log(np.float32(0.3)))
+    assert out.valid[0].tolist() == [[True, True, False, False, False], [True, False, True, True, False],
+                                     [True, False, False, False, False]]
+    assert out.tokens[0, 1, 2:4].tolist() == [20, 21]
+    assert out.logq[0, 0, :2].tolist() == pytest.approx([-0.1, lp])        # 11 boosted to the prior
+    assert out.logq[0, 1, 2:4].tolist() == pytest.approx([lp, lp])

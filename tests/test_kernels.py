@@ -130,6 +130,19 @@ def test_compiled_paths_on_recorded_lattices(compiled, monkeypatch):
         torch.testing.assert_close(score, reference_score(lattice, proxy, tail, want, cfg.lam), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_retrieval_equals_reference(compiled):
+    from diffuspec.lattice import context_continuations
+    gen = np.random.default_rng(5)
+    for _ in range(200):
+        tokens = gen.integers(0, 5, (3, 60))
+        lengths = gen.integers(1, 61, 3)
+        k = int(gen.integers(1, 12))
+        lo = int(gen.integers(1, 4))
+        hi = int(gen.integers(lo, 6))
+        want = np.stack([context_continuations(tokens[b], int(lengths[b]), k, lo, hi) for b in range(3)])
+        assert np.array_equal(compiled.context_continuations(tokens, lengths.astype(np.int64), k, lo, hi), want)
+
+
 # ---------------------------------------------------------------------------- online proxy
 @pytest.mark.parametrize("use_compiled", [False, True])
 def test_incremental_proxy_equals_refit(compiled, use_compiled):
@@ -214,6 +227,15 @@ def test_a_kernel_that_cannot_load_falls_back_with_a_warning(monkeypatch, caplog
     assert len(warnings) == 1 and "numba is not installed" in warnings[0].getMessage()
     with pytest.raises(RuntimeError, match="install numba or use kernels='reference'"):
         DiffuSpec.from_pretrained(kernels="compiled")
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+def test_engine_is_exact_with_retrieval(kernels):
+    """Copied context continuations in the lattice change drafts, never outputs."""
+    prompts = ["def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n", "one two three one two three one"]
+    ds = DiffuSpec.from_pretrained(kernels=kernels, retrieval={"enabled": True, "max_match": 4})
+    plain = [r.token_ids for r in ds.generate(prompts, max_new_tokens=48, speculate=False)]
+    assert [r.token_ids for r in ds.generate(prompts, max_new_tokens=48)] == plain
 
 
 @pytest.mark.parametrize("kernels", ["auto", "reference"])
