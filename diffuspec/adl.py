@@ -9,7 +9,7 @@ are kept:
     k_next = clip(⌊Ḡ⌋ + δ·[Ā ≥ Ḡ], k_min, k_max)
 
 so a request whose drafts are fully accepted grows its k by δ, and one whose drafter expects
-the text to end soon (an early EOS) shrinks it. Both averages start at ``k_init``.
+the text to end soon (an early EOS) shrinks it. Both averages start at ``k_init`` (``ADLConfig.first_k``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from .policy import DraftLengthPolicy, RoundOutcome
 class AdaptiveDraftLength(DraftLengthPolicy):
     def reset(self, rows: int) -> None:
         super().reset(rows)
-        self.gen_ema = torch.full((rows,), float(self.cfg.k_init))  # Ḡ [B] (CPU)
-        self.acc_ema = torch.full((rows,), float(self.cfg.k_init))  # Ā [B] (CPU)
+        self.gen_ema = torch.full((rows,), float(self.cfg.first_k))  # Ḡ [B] (CPU)
+        self.acc_ema = torch.full((rows,), float(self.cfg.first_k))  # Ā [B] (CPU)
 
     def wanted(self) -> torch.Tensor:  # [B] int64
         c = self.cfg

@@ -122,7 +122,7 @@ class FixedDraftLength(DraftLengthPolicy):
     """``k_init`` tokens every round: the null policy (and the fixed-k baseline)."""
 
     def wanted(self) -> torch.Tensor:
-        return torch.full((self.rows,), self.cfg.k_init, dtype=torch.int64)
+        return torch.full((self.rows,), self.cfg.first_k, dtype=torch.int64)
 
 
 def make_policy(rows: int, cfg: ADLConfig, device: torch.device | str = "cpu", *, costs=None,

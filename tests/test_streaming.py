@@ -11,7 +11,9 @@ PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "cla
 
 @pytest.fixture(scope="module")
 def ds():
-    return DiffuSpec.from_pretrained()  # the embedded pair: a real tokenizer and drafts that get accepted
+    # the embedded pair: a real tokenizer and drafts that get accepted (the throughput guard,
+    # which may stop drafting on a slow spell of the machine, is tested in test_scheduler.py)
+    return DiffuSpec.from_pretrained(throughput_guard=False)
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def _fit_draft_length(config: DiffuSpecConfig, k: int, options: Mapping[str, Any
                          f"raise num_speculative_tokens to at least {adl.k_max} or lower k_max")
     k_max = k if not explicit else adl.k_max
     k_min = min(adl.k_min, k_max)
-    k_init = min(max(adl.k_init, k_min), k_max)
+    k_init = None if adl.k_init is None else min(max(adl.k_init, k_min), k_max)
     return config.replace(adl={"k_max": k_max, "k_min": k_min, "k_init": k_init})
 
 
