@@ -296,8 +296,10 @@ def cost_key(target, proposer=None) -> str:
                             "dtype": str(dparam.dtype) if dparam is not None else None,
                             "int8": any("quantized" in type(m).__module__ for m in drafter.modules()),
                             "cache": bool(getattr(drafter, "prefix_cache", False))}
+        kernels = proposer.kernels(dparam.device) if dparam is not None and hasattr(proposer, "kernels") else None
         parts["search"] = {"beam": proposer.config.cps.beam_width, "cps": proposer.config.cps.enabled,
-                           "table": proposer.proxy_table is not None}
+                           "table": proposer.proxy_table is not None,
+                           "kernels": getattr(kernels, "name", "reference")}  # a faster path: profile again
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
