@@ -42,6 +42,15 @@ class Proposal:
         return cls(torch.zeros(rows, 0, dtype=torch.int64, device=device), none, none, 0.0, 0.0)
 
 
+def pad_contexts(contexts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id contexts as a batch: tokens [B, longest] int64 (zero-padded), lengths [B] (CPU)."""
+    lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
+    tokens = np.zeros((len(contexts), int(lengths.max())), np.int64)
+    for j, c in enumerate(contexts):
+        tokens[j, : len(c)] = c
+    return torch.from_numpy(tokens), lengths
+
+
 class ProposalState:
     """What the proposer carries across the rounds of one generation, per row: the drafter's
     prefix cache (None for a drafter without one) and the online proxy's n-gram counts.
@@ -173,18 +182,14 @@ class PathProposer:
         (the drafter's prefix cache rows or None, the online proxy's row or None). Returns the
         proposal (on the drafter's device) and each row's carry after it."""
         device = next(self.drafter.parameters()).device
-        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
-        width = int(lengths.max())
-        tokens = np.zeros((len(contexts), width), np.int64)
-        for j, c in enumerate(contexts):
-            tokens[j, : len(c)] = c
-        state = self.new_state(len(contexts), width + int(k.max()) + 1)
+        tokens, lengths = pad_contexts(contexts)
+        state = self.new_state(len(contexts), tokens.shape[1] + int(k.max()) + 1)
         if state.drafter is not None:  # a drafter with a prefix cache
             # A cache must leave the row's newest token to feed.
             state.drafter.load_rows([kv if kv is not None and kv.length < len(c) else None
                                      for (kv, _), c in zip(carry, contexts)])
         state.proxy.load_rows([ngrams for _, ngrams in carry])
-        proposal = self.propose(torch.from_numpy(tokens).to(device), lengths, k, state)
+        proposal = self.propose(tokens.to(device), lengths, k, state)
         after = [(state.drafter.row(j) if state.drafter is not None else None, state.proxy.rows[j])
                  for j in range(len(contexts))]
         return proposal, after

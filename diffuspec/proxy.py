@@ -324,6 +324,15 @@ class _NumpyMixture:
 
 
 # ---------------------------------------------------------------------- incremental online model
+def columns_between(tokens: torch.Tensor, start: list[int], end: list[int]) -> np.ndarray:
+    """Row b's tokens ``start[b] .. end[b]`` of ``tokens`` [B, T] (any device) in one host
+    copy: [B, max span] int64, each row's first end[b] - start[b] entries valid."""
+    span = max((e - s for s, e in zip(start, end)), default=0)
+    cols = (torch.tensor(start, dtype=torch.int64)[:, None] + torch.arange(max(span, 0))[None, :]).clamp(
+        max=tokens.shape[1] - 1)
+    return tokens.gather(1, cols.to(tokens.device)).cpu().numpy()
+
+
 class _RowCounts:
     """One request's n-gram counts (hashed with seed 0, as an unkeyed table), kept sorted and
     grown by the tokens appended since the last update."""
@@ -465,12 +474,9 @@ class OnlineNGram:
             if row.seen > lengths[b]:
                 self.rows[b] = _RowCounts()
         seen = [r.seen for r in self.rows]
-        span = max((n - s for n, s in zip(lengths, seen)), default=0)
-        if span <= 0:
+        if all(n <= s for n, s in zip(lengths, seen)):
             return
-        start = torch.tensor(seen, dtype=torch.int64)
-        cols = (start[:, None] + torch.arange(span)[None, :]).clamp(max=tokens.shape[1] - 1)
-        new = tokens.gather(1, cols.to(tokens.device)).cpu().numpy()                    # [B, span]
+        new = columns_between(tokens, seen, lengths)                                     # [B, span]
         for b, row in enumerate(self.rows):
             if lengths[b] > seen[b]:
                 row.add(new[b, : lengths[b] - seen[b]], self.order, compiled)

@@ -45,6 +45,7 @@ import torch
 
 from .config import DiffuSpecConfig
 from .propose import Proposal
+from .proxy import columns_between
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,14 @@ class RemoteProposer:
             raise DrafterUnavailable("the drafter actor is restarting")
         if state is None:  # a one-off call: nothing kept
             state = RemoteState(tokens.shape[0])
+        if self._predraft is not None:  # its seconds were hidden behind the verify pass just done
+            ref, self._predraft = self._predraft, None
+            try:
+                done, _ = self._ray.wait([ref], timeout=0)
+                if done:
+                    self.stats.time_hidden += self._ray.get(ref)
+            except Exception:
+                pass
         b, kmax = tokens.shape[0], int(k_cpu.max())
         rows = [j for j in range(b) if int(k_cpu[j]) > 0]
         lengths = lengths_cpu.tolist()
@@ -314,21 +323,11 @@ class RemoteProposer:
     def _call(self, tokens: torch.Tensor, lengths: list[int], k_cpu: torch.Tensor, state: RemoteState,
               rows: list[int]) -> dict:
         """One propose call: each drafting row's tokens since what the actor holds."""
-        start = torch.tensor([state.sent[j] for j in rows], dtype=torch.int64)
-        span = max(lengths[j] - state.sent[j] for j in rows)
-        cols = (start[:, None] + torch.arange(span)[None, :]).clamp(max=tokens.shape[1] - 1)
-        new = tokens[torch.tensor(rows, device=tokens.device)].gather(1, cols.to(tokens.device)).cpu().numpy()
+        new = columns_between(tokens[torch.tensor(rows, device=tokens.device)], [state.sent[j] for j in rows],
+                              [lengths[j] for j in rows])
         message = [(state.keys[j], state.sent[j], new[d, : lengths[j] - state.sent[j]], int(k_cpu[j]))
                    for d, j in enumerate(rows)]
         self.stats.bytes_sent += sum(m[2].nbytes + 64 for m in message)
-        if self._predraft is not None:  # its seconds were hidden behind the verify pass just done
-            ref, self._predraft = self._predraft, None
-            try:
-                done, _ = self._ray.wait([ref], timeout=0)
-                if done:
-                    self.stats.time_hidden += self._ray.get(ref)
-            except Exception:
-                pass
         try:
             forget, state.dropped = state.dropped, []
             answer = self._ray.get(self.actor.propose.remote(message, self.pipelined, forget), timeout=self.timeout)

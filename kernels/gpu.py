@@ -72,7 +72,7 @@ def _lattice_kernel(logq_ptr, tok_ptr, out_ptr, keep_ptr, eos_here_ptr, k_ptr, K
                 pos = tl.sum(((slot < M) & (best_i < _BIG) & (best_v >= top)).to(tl.int32), axis=0)
                 put = (pos < M) & (at < V)
                 best_v = tl.where(put & (slot == pos), top, tl.where(put & (slot > pos), _shift(best_v, slot), best_v))
-                best_i = tl.where(put & (slot == pos), at, tl.where(put & (slot > pos), _shift_i(best_i, slot), best_i))
+                best_i = tl.where(put & (slot == pos), at, tl.where(put & (slot > pos), _shift(best_i, slot), best_i))
     # mass cut in the reference's order: keep j when (p_0 + .. + p_j) - p_j < mass
     total = 0.0
     keep = slot == 0
@@ -102,11 +102,6 @@ def _lattice_kernel(logq_ptr, tok_ptr, out_ptr, keep_ptr, eos_here_ptr, k_ptr, K
 @triton.jit
 def _shift(v, slot):
     """v moved one slot to the right (slot j takes v[j - 1]; slot 0 keeps its value)."""
-    return tl.sum(tl.where(slot[:, None] - 1 == slot[None, :], v[None, :], 0.0), axis=1)
-
-
-@triton.jit
-def _shift_i(v, slot):
     return tl.sum(tl.where(slot[:, None] - 1 == slot[None, :], v[None, :], 0), axis=1)
 
 

@@ -480,6 +480,13 @@ def test_state_follows_the_request_when_rows_move(proposer_pair):
     assert len(proposer.states) == 2  # the previous step's states were consumed
 
 
+def _rows_swap(contexts: list[list[int]], drafts: list[list[int]], step: int):
+    """The next step of two requests: row 0 accepts its first draft token (if any), row 1
+    nothing, each gets one more token, and the rows swap. Returns (contexts, sampled)."""
+    new0, new1 = drafts[0][:1] + [30 + step], [40 + step]
+    return [contexts[1] + new1, contexts[0] + new0], [new1, new0]
+
+
 def test_drafter_prefix_cache_follows_the_request(pair):
     """With a prefix-causal drafter, each request's drafter keys/values ride in its state:
     after the first step a row feeds only its new tokens (whatever row it moved to), and
@@ -498,9 +505,7 @@ def test_drafter_prefix_cache_follows_the_request(pair):
         assert drafts == full.propose(sampled, lengths, tokens)
         assert cached.stats.cached_tokens == expected
         expected += sum(map(len, contexts))  # next step, every row's current context is cached
-        # Row 0 accepts its first draft token (if any), row 1 nothing; the rows swap.
-        new0, new1 = drafts[0][:1] + [30 + step], [40 + step]
-        contexts, sampled = [contexts[1] + new1, contexts[0] + new0], [new1, new0]
+        contexts, sampled = _rows_swap(contexts, drafts, step)
     assert full.stats.cached_tokens == 0
     held = list(cached.states._states.values())
     assert any(s.drafter_kv is not None for s in held) and any(s.ngrams is not None for s in held)
@@ -717,8 +722,7 @@ def test_vllm_proposer_with_the_drafter_on_ray(local_ray, proposer_pair):
         drafts = remote.propose(sampled, lengths, tokens)
         assert drafts == local.propose(sampled, lengths, tokens)
         drafted += sum(map(len, drafts))
-        new0, new1 = drafts[0][:1] + [30 + step], [40 + step]
-        contexts, sampled = [contexts[1] + new1, contexts[0] + new0], [new1, new0]
+        contexts, sampled = _rows_swap(contexts, drafts, step)
     assert drafted > 0 and remote.stats.failures == 0
     assert remote.remote.stats.calls >= 4
 

@@ -55,7 +55,7 @@ from diffuspec.cost import CostModel, StepCost
 from diffuspec.guard import ThroughputGuard
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from diffuspec.scheduler import AcceptanceModel
-from diffuspec.propose import PathProposer
+from diffuspec.propose import PathProposer, pad_contexts
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
 logger = logging.getLogger("vllm.diffuspec_vllm")
@@ -495,11 +495,7 @@ class DiffuSpecProposer:
         for j, (handle, _) in enumerate(carried):
             if isinstance(handle, RemoteHandle):
                 state.keys[j], state.sent[j] = handle.key, handle.sent
-        width = max(len(c) for c in contexts)
-        tokens = torch.zeros(len(contexts), width, dtype=torch.int64)
-        for j, c in enumerate(contexts):
-            tokens[j, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.int64))
-        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.int64)
+        tokens, lengths = pad_contexts(contexts)
         prop = self.remote.propose(tokens, lengths, k, state)
         return prop, [(RemoteHandle(state.keys[j], state.sent[j]), None) for j in range(len(contexts))]
 
