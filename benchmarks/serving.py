@@ -40,6 +40,9 @@ CONFIGS = {
     "ngram": ["--speculative-config", json.dumps(NGRAM)],
     # the default policy ("auto": the cost model inside vLLM) and the paper's ADL under the verify budget
     "diffuspec": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8})],
+    # vLLM's speculative path with our proposer drafting nothing: what the mode itself costs
+    "diffuspec-off": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
+                      "--additional-config", json.dumps({"diffuspec": {"speculate": False}})],
     "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
                         "--additional-config", json.dumps({"diffuspec": {"adl": "paper"}})],
 }

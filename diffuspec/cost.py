@@ -210,6 +210,7 @@ class CostModel:
         self.scale: dict[tuple[str, int], float] = {}  # (kind, grid rows) → running measured / predicted
         self._curves: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._predicted: dict[tuple[str, int, int], float] = {}  # table lookups, until the table grows
+        self.revision = 0  # counts changes of the table and of the corrections (for callers' caches)
 
     def ensure(self, rows: int) -> None:
         """Measure the grid points around ``rows`` that the table lacks (and save)."""
@@ -222,6 +223,7 @@ class CostModel:
         for r in missing_p:
             self.table.propose[r] = measure_propose(self.proposer, r)
         if missing_v or missing_p:
+            self.revision += 1
             self._curves.clear()
             self._predicted.clear()
             try:
@@ -264,6 +266,7 @@ class CostModel:
             ratio = min(max(measured / predicted, 0.2), 5.0)  # one slow spell is not the new normal
             key = (kind, _nearest_grid(rows))
             self.scale[key] = (1 - rate) * self.scale.get(key, 1.0) + rate * ratio
+            self.revision += 1
 
 
 def cache_dir() -> Path:
@@ -339,6 +342,21 @@ class StepCost:
         self.step = OnlineLinear(2)
         self.proposals = proposals
         self.min_samples = min_samples
+        # Seconds per context token the drafter encodes beyond its prefix cache (a request's
+        # first draft encodes its prompt): learnt from proposals with many such tokens,
+        # starting from the profiled cost per drafted token of a one-row proposal.
+        self._encode: float | None = None
+        self._memo: dict[tuple[int, int], float] = {}  # step_times' proposal costs, for one revision of the profile
+        self._memo_key: int | None = -1
+
+    @property
+    def encode_s_per_token(self) -> float:
+        if self._encode is None:  # the prior, once proposals are profiled
+            table = self.proposals.table if self.proposals is not None else None
+            if table is None or not table.propose:
+                return 0.0
+            self._encode = table.propose_time(1, K_GRID[-1]) / K_GRID[-1]
+        return self._encode
 
     @property
     def ready(self) -> bool:
@@ -358,15 +376,42 @@ class StepCost:
         self.step.add(np.array([1.0, float(tokens)]), seconds)
 
     def propose_time(self, rows: int, k: int) -> float:
-        if self.proposals is None or k == 0:
+        """Profiled seconds of a proposal of ``k`` tokens over ``rows`` rows, prefixes cached."""
+        if self.proposals is None or k == 0 or rows == 0:
             return 0.0
         return self.proposals.correction("propose", rows) * self.proposals.table.propose_time(rows, k)
 
-    def step_times(self, tokens: np.ndarray, rows: int, kmax: np.ndarray) -> np.ndarray:
+    def step_times(self, tokens: np.ndarray, kmax: np.ndarray, drafting: np.ndarray) -> np.ndarray:
         """Seconds of a step of ``tokens`` tokens plus a proposal of ``kmax`` tokens over
-        ``rows`` rows (no proposal where kmax is 0), elementwise."""
-        step = np.maximum(self.step.w[0] + self.step.w[1] * tokens, 1e-6)
-        return step + np.array([self.propose_time(rows, int(k)) for k in np.atleast_1d(kmax)]).reshape(step.shape)
+        ``drafting`` rows (none where kmax is 0), elementwise."""
+        step = np.maximum(self.step.w[0] + self.step.w[1] * np.asarray(tokens, dtype=np.float64), 1e-6)
+        # The proposal's cost by (rows, k), kept between steps (a policy asks for hundreds of
+        # pairs a step); cleared when the profile or its corrections change.
+        key = self.proposals.revision if self.proposals is not None else None
+        if key != self._memo_key:
+            self._memo_key, self._memo = key, {}
+        memo = self._memo
+        propose = [memo[dk] if dk in memo else memo.setdefault(dk, self.propose_time(*dk))
+                   for dk in zip(np.atleast_1d(drafting).tolist(), np.atleast_1d(kmax).tolist())]
+        return step + np.array(propose).reshape(step.shape)
+
+    def start_costs(self, uncached: np.ndarray) -> np.ndarray:  # [R] tokens → [R] seconds
+        """What each row's draft adds to a proposal for the ``uncached`` context tokens the
+        drafter must encode first (see :class:`~diffuspec.policy.RoundView`)."""
+        return np.asarray(uncached, dtype=np.float64) * self.encode_s_per_token
+
+    def observe_proposal(self, rows: int, k: int, uncached: int, measured: float, rate: float = 0.2) -> None:
+        """A proposal over ``rows`` rows drafting ``k`` tokens, ``uncached`` context tokens
+        encoded in all, took ``measured`` seconds: what the profile does not explain of a
+        proposal that encoded many tokens is their cost; the rest corrects the profile."""
+        if self.proposals is None:
+            return
+        warm = self.propose_time(rows, k)
+        if uncached >= 64 * rows:  # mostly encoding: learn its cost per token
+            sample = max(measured - warm, 0.0) / uncached
+            self._encode = self.encode_s_per_token + rate * (sample - self.encode_s_per_token)
+        elif uncached <= 8 * rows:  # mostly drafting, the prefixes cached: correct the profile
+            self.proposals.calibrate("propose", rows, k, measured)
 
     def calibrate(self, kind: str, rows: int, width: int, measured: float) -> None:
         """Our proposal's measured time corrects its profile; a step is measured by observe_step."""

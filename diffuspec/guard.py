@@ -6,9 +6,13 @@ rows, the rejection sampler and our proposal time all grow with the batch, and a
 mix changes. :class:`ThroughputGuard` checks the prediction against what happened: it
 keeps, per batch-size class, the measured tokens per second of steps that drafted and of
 steps that did not (wall time from one proposal to the next, so the proposal itself counts),
-and lets a step draft only while drafting steps measure at least as fast. Whichever mode is
-losing is re-measured now and then (one step in ``probe_every``), so the guard follows a
-changing load.
+and lets a step draft only while drafting steps measure at least as fast. Rates are
+time-weighted (tokens over seconds), and a mode counts as measured after ``min_samples``
+steps or as much time as that many steps of the other mode: in a busy batch one drafting
+step can take as long as ten plain ones, and it decides as much. Whichever mode is losing
+is re-measured now and then, after ``probe_every`` of the winner's steps' worth of time, or a
+quarter of ``probe_every`` of its own where its steps are longer (a probe then costs at most
+~4/probe_every of the time), so the guard follows a changing load.
 """
 
 from __future__ import annotations
@@ -18,25 +22,35 @@ from dataclasses import dataclass, field
 
 @dataclass
 class _Rate:
-    tokens_per_s: float = 0.0
+    """Tokens and seconds per step of one mode, averaged (a plain mean for the first samples,
+    then an exponential moving average): the rate is their ratio, so a long step weighs as
+    much as the time it took."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
     samples: int = 0
 
-    def add(self, value: float, smoothing: float) -> None:
-        # a plain mean for the first samples, then an exponential moving average
+    def add(self, tokens: float, seconds: float, smoothing: float) -> None:
         self.samples += 1
         weight = max(1.0 / self.samples, smoothing)
-        self.tokens_per_s += weight * (value - self.tokens_per_s)
+        self.tokens += weight * (tokens - self.tokens)
+        self.seconds += weight * (seconds - self.seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
 class ThroughputGuard:
-    min_samples: int = 8      # steps of each mode measured before the guard decides
+    min_samples: int = 8      # steps of each mode measured before the guard decides...
     margin: float = 0.02      # drafting must not measure more than this fraction slower
-    probe_every: int = 64     # re-measure the losing mode once in this many steps
+    probe_every: int = 64     # re-measure the losing mode after this many of the winner's steps (see allow)
     smoothing: float = 0.1    # EMA weight of a new step
     rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
     forced_plain: int = 0     # steps the guard kept from drafting
+    _since: dict[int, float] = field(default_factory=dict)  # per class: seconds since the losing mode last ran
     _pending: tuple[int, bool] | None = None
 
     @staticmethod
@@ -50,17 +64,33 @@ class ThroughputGuard:
         """Batch sizes 1, 2-3, 4-7, 8-15, ...: steps compare within a class."""
         return max(1, rows).bit_length()
 
+    def _learnt(self, rate: _Rate | None, other: _Rate | None) -> bool:
+        """Enough of a mode measured: ``min_samples`` steps, or (...or as much time as
+        ``min_samples`` steps of the other mode take): one drafting step of a busy batch that
+        takes many plain steps' time is a sample that costs enough to decide on."""
+        if rate is None:
+            return False
+        if rate.samples >= self.min_samples:
+            return True
+        return other is not None and other.samples >= self.min_samples and \
+            rate.samples * rate.seconds >= self.min_samples * other.seconds
+
     def allow(self, rows: int) -> bool:
         """May a step of ``rows`` rows draft?"""
         c = self.size_class(rows)
         n = self.steps[c] = self.steps.get(c, 0) + 1
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
-        if spec is None or spec.samples < self.min_samples:
+        if not self._learnt(spec, plain):
             return True                                   # learn what drafting gives first
-        if plain is None or plain.samples < self.min_samples:
+        if not self._learnt(plain, spec):
             return n % 4 != 0                             # then measure plain steps, one in four
         pays = spec.tokens_per_s >= (1.0 - self.margin) * plain.tokens_per_s
-        allowed = n % self.probe_every != 0 if pays else n % self.probe_every == 0
+        winner, loser = (spec, plain) if pays else (plain, spec)
+        # The losing mode runs again once probe_every of the winner's steps have passed (a load
+        # that changes is followed), or longer where the loser's steps are long: then a quarter of
+        # probe_every of its steps' time, so a probe costs at most ~4/probe_every of the time.
+        probe = self._since.get(c, 0.0) >= self.probe_every * max(winner.seconds, loser.seconds / 4)
+        allowed = pays != probe
         self.forced_plain += not allowed
         return allowed
 
@@ -71,8 +101,14 @@ class ThroughputGuard:
     def finished(self, tokens: int, seconds: float) -> None:
         """The last step emitted ``tokens`` tokens in ``seconds`` (proposal included)."""
         key, self._pending = self._pending, None
-        if key is not None and seconds > 0:
-            self.rates.setdefault(key, _Rate()).add(tokens / seconds, self.smoothing)
+        if key is None or seconds <= 0:
+            return
+        c, drafted = key
+        self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
+        spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
+        if spec is not None and plain is not None:
+            losing = spec.tokens_per_s < (1.0 - self.margin) * plain.tokens_per_s
+            self._since[c] = 0.0 if drafted == losing else self._since.get(c, 0.0) + seconds
 
     def discard(self) -> None:
         """The last step cannot be compared (a prefill ran in it, or requests came or went)."""

@@ -56,6 +56,10 @@ class RoundView:
 
     active: torch.Tensor  # [B] bool: rows still generating (the others draft nothing)
     room: torch.Tensor    # [B] int64: the longest draft each row may take this round (>= 0)
+    # [B] float64: seconds a row adds to the proposal if it drafts at all, beyond the profiled
+    # (prefix-cached) cost: encoding the part of its context the drafter has not cached. vLLM
+    # only (a request's first draft there encodes its whole prompt); None: 0.
+    start_cost: torch.Tensor | None = None
 
 
 @dataclass

@@ -21,7 +21,10 @@ takes ``K* = argmax_K Σ_b E(min(K, c_b)) / T(R, K)``, and ``K* = 0`` (plain dec
 row) whenever drafting cannot pay, e.g. a busy batch on a compute-bound CPU or sampling at a
 temperature where drafts are rarely accepted. After ``explore_every`` rounds of plain
 decoding it drafts ``explore_k`` tokens once (waiting twice as long after each exploratory
-draft that fails), so estimates made under one regime can recover when the text changes.
+draft that fails), so estimates made under one regime can recover when the text changes:
+every row of a padded round, one row of a packed vLLM step (acceptance is pooled, and a busy
+step drafting for every row costs several plain steps), and never where drafting could not
+pay even if every drafted token were accepted (then the costs, which are measured, decide).
 
 The measured alternatives are in the note of this policy's issue and ``benchmarks/results``:
 per-request acceptance curves (log-odds offsets from the pooled curve) chose better at
@@ -95,29 +98,49 @@ def best_length(gain: np.ndarray, room: np.ndarray, times: np.ndarray) -> int:
     return int(np.argmax(tokens / times))
 
 
-def best_allocation(survive: np.ndarray, room: np.ndarray, times) -> np.ndarray:
+def best_allocation(survive: np.ndarray, room: np.ndarray, times, start_cost: np.ndarray | None = None
+                    ) -> np.ndarray:
     """Per-row draft lengths maximising expected tokens per second when a step's cost grows
     with its total tokens (vLLM packs the rows of a step; no padding): ``survive [R, W]``
     the probability that a row's first i+1 draft tokens are all accepted, ``room [R]`` each
-    row's limit, ``times(tokens [N], kmax [N]) -> [N]`` seconds of a step of ``tokens``
-    tokens whose longest draft is ``kmax``. The extra draft tokens are taken most likely
-    first (within a row the survival falls with the position, so each row gets a prefix),
-    and the best number of them is kept: confident rows get long drafts, doubtful ones none.
+    row's limit, ``times(tokens [N], kmax [N], drafting [N]) -> [N]`` seconds of a step of
+    ``tokens`` tokens whose longest draft is ``kmax``, ``drafting`` of its rows drafting, and
+    ``start_cost [R]`` seconds a row adds to the proposal when it drafts at all (its drafter
+    prefix is not cached: the pass encodes it first; default 0).
+
+    Draft tokens are added one at a time in one of two orders, and the best prefix of either
+    is kept: most likely first (within a row the survival falls with the position, so each
+    row gets a prefix: confident rows get long drafts, doubtful ones none), or row by row
+    (rows cheapest to start first, then most likely first token): where each drafting row
+    costs the proposal something, a few long drafts beat many short ones.
 
     Example: two rows, survive [[.9, .8], [.2, .1]], a step costing 1 + 0.5·tokens: the
     candidates in order are .9, .8, .2, .1; rates (2 + gains) / (1 + 0.5·(2 + n)) for n = 0..4
     are 1.0, 1.16, 1.23, 1.11, 1.0, so n = 2: k = [2, 0]."""
     rows, width = survive.shape
+    start_cost = np.zeros(rows) if start_cost is None else np.asarray(start_cost, dtype=np.float64)
     pos = np.broadcast_to(np.arange(width), (rows, width))
     ok = pos < room[:, None]
     cand_row = np.broadcast_to(np.arange(rows)[:, None], (rows, width))[ok]
     cand_pos, gain = pos[ok], survive[ok]
-    order = np.argsort(-gain, kind="stable")  # ties keep row-major order: a row's earlier position first
-    tokens = rows + np.arange(len(order) + 1)
-    expected = rows + np.concatenate([[0.0], np.cumsum(gain[order])])
-    kmax = np.concatenate([[0], np.maximum.accumulate(cand_pos[order] + 1)]) if len(order) else np.zeros(1, np.int64)
-    best = int(np.argmax(expected / times(tokens, kmax)))
-    return np.bincount(cand_row[order[:best]], minlength=rows)
+    if len(gain) == 0:
+        return np.zeros(rows, np.int64)
+    # ties keep row-major order: a row's earlier position first
+    by_gain = np.lexsort((start_cost[cand_row], -gain))
+    by_row = np.lexsort((cand_pos, -survive[cand_row, 0], start_cost[cand_row]))
+    best_rate, best = -1.0, by_gain[:0]
+    for order in (by_gain, by_row):
+        first = cand_pos[order] == 0                           # the candidate starts its row's draft
+        tokens = rows + np.arange(len(order) + 1)
+        expected = rows + np.concatenate([[0.0], np.cumsum(gain[order])])
+        kmax = np.concatenate([[0], np.maximum.accumulate(cand_pos[order] + 1)])
+        drafting = np.concatenate([[0], np.cumsum(first)])
+        started = np.concatenate([[0.0], np.cumsum(np.where(first, start_cost[cand_row[order]], 0.0))])
+        rate = expected / (times(tokens, kmax, drafting) + started)
+        n = int(np.argmax(rate))
+        if rate[n] > best_rate:
+            best_rate, best = float(rate[n]), order[:n]
+    return np.bincount(cand_row[best], minlength=rows)
 
 
 def position_outcomes(drafted: np.ndarray, accepted: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,23 +196,37 @@ class CostAwareDraftLength(DraftLengthPolicy):
         self.costs.ensure(rows)
         if not self.costs.ready:  # no measurements yet (vLLM learns its step cost as it serves): the ADL's k
             return torch.from_numpy(room.astype(np.int64))
-        rates = np.broadcast_to(pooled.rates()[None, : self.width], (rows, self.width))
-        if self.costs.packed:
-            k = np.zeros(self.rows, np.int64)
-            k[active] = best_allocation(rates.cumprod(1), room[active],
-                                        lambda tokens, kmax: self.costs.step_times(tokens, rows, kmax))
-            best = int(k.max())
-        else:
-            best = best_length(expected_tokens(rates), room[active], self.costs.round_times(rows, int(room.max())))
-            k = np.minimum(room, best)
-        if best == 0:
+        start = None if view.start_cost is None else view.start_cost.numpy()
+        k = self._best(pooled.rates(), room, active, rows, start)
+        if int(k.max()) == 0:
             pooled.plain_rounds += 1
-            if pooled.plain_rounds > pooled.explore_after:  # an exploratory draft
-                pooled.plain_rounds, pooled.exploring = 0, True
-                k = np.minimum(room, self.explore_k)
+            # An exploratory draft, when the rates may be stale; not when drafting could not pay
+            # even if every token were accepted (a busy batch: the costs decide, and they are measured).
+            if pooled.plain_rounds > pooled.explore_after:
+                pooled.plain_rounds = 0
+                if int(self._best(np.ones(self.width), room, active, rows, start).max()) > 0:
+                    pooled.exploring = True
+                    k = np.minimum(room, self.explore_k)
+                    if self.costs.packed:  # vLLM: one row explores (the pooled rates learn from it as
+                        # from any row; in a busy step a draft for every row costs a long step)
+                        k[np.arange(self.rows) != int(np.argmax(room > 0))] = 0
         else:
             pooled.plain_rounds = 0
         return torch.from_numpy(k.astype(np.int64))
+
+    def _best(self, rates: np.ndarray, room: np.ndarray, active: np.ndarray, rows: int,
+              start: np.ndarray | None) -> np.ndarray:  # [B] int64
+        """Each row's k for conditional acceptance ``rates [W]`` (pooled): the best
+        allocation for packed steps (``start``: each row's start cost, see RoundView), the
+        best common length for padded rounds."""
+        rates = np.broadcast_to(rates[None, : self.width], (rows, self.width))
+        if self.costs.packed:
+            k = np.zeros(self.rows, np.int64)
+            k[active] = best_allocation(rates.cumprod(1), room[active], self.costs.step_times,
+                                        None if start is None else start[active])
+            return k
+        best = best_length(expected_tokens(rates), room[active], self.costs.round_times(rows, int(room.max())))
+        return np.minimum(room, best)
 
     def wanted(self) -> torch.Tensor:
         return self.choose(RoundView(torch.ones(self.rows, dtype=torch.bool),

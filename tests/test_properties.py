@@ -785,7 +785,7 @@ class LinearCosts:
     def round_times(self, rows: int, kmax: int, propose: bool = True) -> np.ndarray:
         return 0.01 + 0.001 * rows * (np.arange(kmax + 1) + 1)
 
-    def step_times(self, tokens: np.ndarray, rows: int, kmax: np.ndarray) -> np.ndarray:
+    def step_times(self, tokens: np.ndarray, kmax: np.ndarray, drafting: np.ndarray) -> np.ndarray:
         return 0.01 + 0.001 * tokens
 
     def calibrate(self, *args) -> None:

@@ -212,6 +212,7 @@ class RequestStates:
         self.cache_bytes = cache_bytes
         self.held_bytes = 0  # drafter caches and proxy counts held by the states
         self._states: OrderedDict[bytes, RequestState] = OrderedDict()
+        self._sizes: dict[bytes, int] = {}  # _bytes of each state, as put (states are popped before use)
 
     @staticmethod
     def fingerprint(context: np.ndarray) -> bytes:  # [n] int32 token ids
@@ -224,19 +225,21 @@ class RequestStates:
     def pop(self, key: bytes) -> RequestState | None:
         state = self._states.pop(key, None)
         if state is not None:
-            self.held_bytes -= self._bytes(state)
+            self.held_bytes -= self._sizes.pop(key)
         return state
 
     def put(self, key: bytes, state: RequestState) -> None:
         self.pop(key)
         self._states[key] = state
-        self.held_bytes += self._bytes(state)
+        self._sizes[key] = size = self._bytes(state)
+        self.held_bytes += size
         while len(self._states) > self.capacity:
             self.pop(next(iter(self._states)))
-        for old in self._states.values():  # oldest first; the newest state keeps its caches
+        for old_key, old in self._states.items():  # oldest first; the newest state keeps its caches
             if self.held_bytes <= self.cache_bytes or old is state:
                 break
-            self.held_bytes -= self._bytes(old)  # dropped: rebuilt from the context when next needed
+            self.held_bytes -= self._sizes[old_key]  # dropped: rebuilt from the context when next needed
+            self._sizes[old_key] = 0
             old.drafter_kv = old.ngrams = None
 
     def __len__(self) -> int:
@@ -356,7 +359,9 @@ class DiffuSpecProposer:
         # The draft-length policy on the gathered rows: last step's outcome, then this step's k.
         policy = self._policy(prev, emitted)
         room = torch.from_numpy(s.max_model_len - 1 - lengths).clamp(min=0)    # verify k + 1 tokens, in bounds
-        view = RoundView(active=torch.ones(len(rows), dtype=torch.bool), room=room.clamp(max=s.num_speculative_tokens))
+        uncached = self._uncached(prev, lengths)                                 # [R]
+        view = RoundView(active=torch.ones(len(rows), dtype=torch.bool), room=room.clamp(max=s.num_speculative_tokens),
+                         start_cost=None if self.costs is None else torch.from_numpy(self.costs.start_costs(uncached)))
         try:  # the cost policy may profile the drafter here (once per batch size): guarded alike
             k = policy.next_k(view)                                              # [R] int64
         except Exception:
@@ -369,7 +374,7 @@ class DiffuSpecProposer:
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
         kv = [(p.drafter_kv, p.ngrams) if p else (None, None) for p in prev]  # rows that draft now replace theirs
-        out = self._guarded_draft(token_ids_cpu, rows, lengths, k, kv) if int(k.max()) > 0 else None
+        out = self._guarded_draft(token_ids_cpu, rows, lengths, k, kv, uncached) if int(k.max()) > 0 else None
         if out is None:
             k = torch.zeros_like(k)
         else:
@@ -384,14 +389,23 @@ class DiffuSpecProposer:
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
 
-    def _guarded_draft(self, token_ids_cpu, rows, lengths, k, kv):
+    def _uncached(self, prev: list[RequestState | None], lengths: np.ndarray) -> np.ndarray:  # [R] int64
+        """Context tokens each row's drafter pass would encode beyond its prefix cache (the
+        whole context for a request that has not drafted yet, or whose cache was dropped);
+        0 where the drafter keeps no prefix cache (its profiled cost already encodes a context)."""
+        if self.path_proposer is None or not self.path_proposer.caches_prefixes:
+            return np.zeros(len(prev), np.int64)
+        cached = [p.drafter_kv.length if p is not None and p.drafter_kv is not None else 0 for p in prev]
+        return np.maximum(lengths - np.array(cached, dtype=np.int64), 0)
+
+    def _guarded_draft(self, token_ids_cpu, rows, lengths, k, kv, uncached):
         """:meth:`_draft`, but a failure costs this step's drafts, never the server: an
         exception, or (with ``drafter_timeout_s``) a proposal still running at the limit,
         which is then left to finish on its own thread while the next steps draft nothing."""
         timeout = self.settings.config.drafter_timeout_s
         try:
             if timeout is None:
-                return self._draft(token_ids_cpu, rows, lengths, k, kv)
+                return self._draft(token_ids_cpu, rows, lengths, k, kv, uncached)
             if self._late is not None and not self._late.done():
                 self._failure("a proposal that timed out is still running; this step drafts nothing")
                 return None
@@ -399,7 +413,7 @@ class DiffuSpecProposer:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffuspec-drafter")
-            future = self._pool.submit(self._draft, token_ids_cpu.copy(), rows, lengths.copy(), k, kv)
+            future = self._pool.submit(self._draft, token_ids_cpu.copy(), rows, lengths.copy(), k, kv, uncached)
             try:
                 return future.result(timeout=timeout)
             except TimeoutError:
@@ -455,7 +469,7 @@ class DiffuSpecProposer:
         return policy
 
     def _draft(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, k: torch.Tensor,
-               kv: list[tuple]):
+               kv: list[tuple], uncached: np.ndarray):
         """One batched drafter pass + lattice + CPS for the rows with k > 0. ``kv``: each
         row's (drafter prefix cache, online proxy counts) from its previous step (None:
         none). Returns per row the path, its length, L_gen and that pair after this pass."""
@@ -474,7 +488,8 @@ class DiffuSpecProposer:
         self.stats.time_draft += prop.time_draft
         self.stats.time_search += prop.time_search
         if self.costs is not None:
-            self.costs.calibrate("propose", len(sel_rows), int(k.max()), prop.time_draft + prop.time_search)
+            self.costs.observe_proposal(len(sel_rows), int(k.max()), int(uncached[sel.numpy()].sum()),
+                                        prop.time_draft + prop.time_search)
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         gen_len = torch.zeros(len(rows), dtype=torch.int64)
         path_len[sel], gen_len[sel] = host[:, 0], host[:, 1]
