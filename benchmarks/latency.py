@@ -228,6 +228,13 @@ METHODS: dict[str, Callable] = {
     "diffuspec-reference": _engine_method(kernels="reference"),
     # continuations copied from the context join the lattice (retrieval={"enabled": True})
     "diffuspec-retrieval": _engine_method(retrieval={"enabled": True}),
+    # a draft tree around the path, verified in one pass (tree={"enabled": True}, 8 extra nodes)
+    "diffuspec-tree": _engine_method(tree={"enabled": True}),
+    "diffuspec-tree-16": _engine_method(tree={"enabled": True, "extra_nodes": 16}),
+    "diffuspec-tree-retrieval": _engine_method(tree={"enabled": True}, retrieval={"enabled": True}),
+    # the same without the throughput guard: what drafting every round gives (ablations)
+    "diffuspec-noguard": _engine_method(throughput_guard=False),
+    "diffuspec-tree-noguard": _engine_method(tree={"enabled": True}, throughput_guard=False),
     # the drafter in a Ray actor, without and with pre-drafting (pip install ray)
     "diffuspec-ray": _ray_method("diffuspec-ray", pipelined=False),
     "diffuspec-ray-pipelined": _ray_method("diffuspec-ray-pipelined", pipelined=True),

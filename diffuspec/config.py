@@ -76,6 +76,19 @@ class RetrievalConfig:
 
 
 @dataclass(frozen=True)
+class TreeConfig:
+    # Verify a draft tree instead of one path (diffuspec.tree): the CPS path plus
+    # `extra_nodes` more nodes per row, best first by the drafter's branch log-probability,
+    # all scored by the target in one pass. The engine only (vLLM verifies chains).
+    enabled: bool = False
+    extra_nodes: int = 8
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.extra_nodes, int) and 0 <= self.extra_nodes <= 256,
+               f"tree extra_nodes={self.extra_nodes!r} must be an int in [0, 256]")
+
+
+@dataclass(frozen=True)
 class CPSConfig:
     # Run the causal-consistency path search; False takes the per-position argmax path.
     enabled: bool = True
@@ -150,6 +163,7 @@ class DiffuSpecConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     cps: CPSConfig = field(default_factory=CPSConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
     adl: ADLConfig = field(default_factory=ADLConfig)
     # Draft at all; False runs plain AR decoding through the same engine (the baseline).
     speculate: bool = True
@@ -178,7 +192,7 @@ class DiffuSpecConfig:
     drafter_timeout_s: float | None = None
     # Check the "auto" / "cost" draft-length policy against measurement ("paper" and "fixed"
     # run as written): per decoding regime and batch-size class, draft only while drafting rounds (steps, in vLLM) measure at least as many
-    # tokens/s as plain ones, re-measuring the losing mode one round in 64 (diffuspec.guard).
+    # tokens/s as plain ones, re-measuring the losing mode now and then (diffuspec.guard).
     throughput_guard: bool = True
     # Rows in flight in one generate() call: with more prompts, the others wait and take the
     # place of rows that finish (continuous batching). None: every prompt at once.
@@ -240,13 +254,13 @@ class DiffuSpecConfig:
                 if len(owners) != 1:
                     raise TypeError(f"unknown config key {key!r}; valid keys: {sorted(valid_config_keys())} "
                                     f"(or nested: adl={{...}}, cps={{...}}, lattice={{...}}, proxy={{...}}, "
-                                    f"retrieval={{...}})")
+                                    f"retrieval={{...}}, tree={{...}})")
                 nested[owners[0]][key] = value
         return DiffuSpecConfig(**top, **{name: _SECTIONS[name](**values) for name, values in nested.items()})
 
 
 _SECTIONS: dict[str, type] = {"lattice": LatticeConfig, "proxy": ProxyConfig, "cps": CPSConfig, "adl": ADLConfig,
-                              "retrieval": RetrievalConfig}
+                              "retrieval": RetrievalConfig, "tree": TreeConfig}
 
 
 def _section_fields(name: str) -> set[str]:

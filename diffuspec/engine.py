@@ -42,7 +42,7 @@ from .stats import GenerationStats
 from .target import TargetRunner
 
 logger = logging.getLogger(__name__)
-from .verify import accept_greedy, accept_sampling, position_uniforms
+from .verify import accept_greedy, accept_sampling, accept_tree, position_uniforms
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Batch:
     active_cpu: torch.Tensor    # [B] bool (CPU): rows still generating
     runner: TargetRunner        # the target's KV cache: each row's tokens but its newest one
     policy: DraftLengthPolicy | None
+    guard: ThroughputGuard | None  # the measured check on the policy (kept by the engine per regime)
     draft_state: object | None  # the proposer's per-generation state (drafter prefix cache)
     prefill: int                # prompt columns the next verify pass feeds first (0: none)
     prefilled: bool             # whether the last verify pass carried a prefill
@@ -163,8 +164,8 @@ class SpeculativeEngine:
                 k = self._draft_lengths(batch)
                 proposal = self._propose(batch, k)
                 t_verify = time.perf_counter()
-                n_acc, next_token = self._verify(batch, proposal)
-                host = self._commit(batch, proposal, n_acc, next_token)
+                n_acc, next_token, accepted_path = self._verify(batch, proposal)
+                host = self._commit(batch, accepted_path, proposal, n_acc, next_token)
                 t_verify = time.perf_counter() - t_verify
                 self._record(batch, k, proposal, host, t_verify, t0)
                 grew = [r.index for r in batch.requests]
@@ -176,13 +177,16 @@ class SpeculativeEngine:
         """An empty batch with every prompt waiting."""
         dev = self.device
         kcap = self.config.adl.k_max if self.speculating else 0
+        if self.speculating and self.config.tree.enabled:  # a tree's pass writes its extra nodes after the spine
+            kcap += self.config.tree.extra_nodes
         capacity = max(map(len, prompts)) + params.max_new_tokens + kcap + 2
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
         empty = torch.zeros(0, dtype=torch.int64)
+        policy = self.new_policy(0, params)
         return Batch(params=params, capacity=capacity, tokens=torch.zeros(0, capacity, dtype=torch.int64, device=dev),
                      lengths=empty.to(dev), lengths_cpu=empty, active_cpu=torch.zeros(0, dtype=torch.bool),
                      runner=TargetRunner(self.target, 0, capacity),
-                     policy=self.new_policy(0, params),
+                     policy=policy, guard=self._guard(params, policy),
                      draft_state=self.proposer.new_state(0, capacity) if self.speculating else None,
                      prefill=0, prefilled=False, seed=seed, requests=[], waiting=list(range(len(prompts))))
 
@@ -242,14 +246,13 @@ class SpeculativeEngine:
         batch.requests = [batch.requests[i] for i in keep.tolist()]
 
     # ------------------------------------------------------------------ the round's steps
-    def _guard(self, batch: Batch) -> ThroughputGuard | None:
-        """The measured check on the policy for this batch's decoding regime (greedy, or each
+    def _guard(self, params: SamplingParams, policy: DraftLengthPolicy | None) -> ThroughputGuard | None:
+        """The measured check on the policy for this decoding regime (greedy, or each
         temperature / top-k / top-p): drafting rounds must measure at least as many tokens
         per second as plain ones (diffuspec.guard). Kept across calls."""
-        if batch.policy is None or not ThroughputGuard.applies(self.config):
+        if policy is None or not ThroughputGuard.applies(self.config):
             return None
-        p = batch.params
-        regime = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p)
+        regime = ("greedy",) if params.greedy else (params.temperature, params.top_k, params.top_p)
         return self.guards.setdefault(regime, ThroughputGuard())
 
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
@@ -257,13 +260,16 @@ class SpeculativeEngine:
         none where the throughput guard measured drafting slower than plain rounds."""
         if batch.policy is None:
             return torch.zeros(batch.rows, dtype=torch.int64)
+        guard = batch.guard
+        if guard is not None and not guard.allow(batch.rows):
+            # Measured slower than plain rounds here: a plain round, as cheap as one without a
+            # drafter (the policy is not consulted and learns nothing from it).
+            guard.started(batch.rows, drafted=False)
+            return torch.zeros(batch.rows, dtype=torch.int64)
         emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
         room = batch.params.max_new_tokens - emitted - 1
         k = batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
-        guard = self._guard(batch)
         if guard is not None:
-            if int(k.max()) > 0 and not guard.allow(batch.rows):
-                k = torch.zeros_like(k)
             guard.started(batch.rows, drafted=int(k.max()) > 0)
         return k
 
@@ -279,10 +285,22 @@ class SpeculativeEngine:
                              "counted in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
             return Proposal.empty(batch.rows, self.device)
 
-    def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+    def _uniforms(self, batch: Batch, width: int) -> torch.Tensor:  # [B, width] float64 (device)
+        """The uniforms of each row's next ``width`` sampled output positions: fixed by (seed,
+        prompt, output position), so the output is the same whatever the drafts, and the same
+        as plain decoding with this seed."""
+        request = torch.tensor([r.index for r in batch.requests], dtype=torch.int64, device=self.device)
+        emitted = torch.tensor([len(r.token_ids) for r in batch.requests], dtype=torch.int64, device=self.device)
+        position = emitted[:, None] + torch.arange(width, device=self.device)[None, :]
+        return position_uniforms(batch.seed, request, position)
+
+    def _verify(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One target pass over each row's ``[newest token, path]`` (with the prompt in front
         on a first round that carries the prefill); returns accepted counts and next tokens,
-        [B] int64 each (device)."""
+        [B] int64 each (device), and the path they count in (the proposal's path, or the
+        accepted branch of its draft tree)."""
+        if proposal.tree is not None:
+            return self._verify_tree(batch, proposal)
         path, b = proposal.path, batch.rows
         self.target_batch_sizes.append(b)
         last = batch.tokens.gather(1, (batch.lengths - 1)[:, None])                        # [B, 1]
@@ -296,17 +314,38 @@ class SpeculativeEngine:
         logits = logits[..., : self.emit_vocab]                                             # [B, kmax+1, V]
         params = batch.params
         if params.greedy:
-            return accept_greedy(logits, path, proposal.path_len)
-        # Each sampled position's uniform is fixed by (seed, prompt, output position): the output
-        # is the same whatever the drafts, and the same as plain decoding with this seed.
-        request = torch.tensor([r.index for r in batch.requests], dtype=torch.int64, device=self.device)
-        emitted = torch.tensor([len(r.token_ids) for r in batch.requests], dtype=torch.int64, device=self.device)
-        position = emitted[:, None] + torch.arange(path.shape[1] + 1, device=self.device)[None, :]
-        uniforms = position_uniforms(batch.seed, request, position)
-        return accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k, params.top_p, uniforms)
+            return (*accept_greedy(logits, path, proposal.path_len), path)
+        uniforms = self._uniforms(batch, path.shape[1] + 1)
+        return (*accept_sampling(logits, path, proposal.path_len, params.temperature, params.top_k, params.top_p,
+                                 uniforms), path)
 
-    def _commit(self, batch: Batch, proposal: Proposal, n_acc: torch.Tensor, next_token: torch.Tensor
-                ) -> torch.Tensor:
+    def _verify_tree(self, batch: Batch, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_verify` for a draft tree (diffuspec.tree): one pass over ``[newest token,
+        nodes]`` with tree attention, the walk down the tree, and the accepted branch's
+        keys/values moved to the columns after the row's prefix."""
+        tree, b = proposal.tree, batch.rows
+        self.target_batch_sizes.append(b)
+        last = batch.tokens.gather(1, (batch.lengths - 1)[:, None])                        # [B, 1]
+        start = batch.lengths_cpu - 1                                                       # the newest token's column
+        batch.prefilled = bool(batch.prefill)
+        if batch.prefill:  # the first round: the prompt first, then the tree from its last token
+            batch.runner.forward(batch.tokens[:, : batch.prefill], torch.zeros(b, dtype=torch.int64), keep=1)
+            batch.prefill = 0
+        logits = batch.runner.forward(torch.cat([last, tree.tokens], dim=1), start, tree=(tree.parent, tree.depth))
+        logits = logits[..., : self.emit_vocab]                                             # [B, N+1, V]
+        p = batch.params
+        levels = int(tree.depth.max())
+        sampling = None if p.greedy else (p.temperature, p.top_k, p.top_p, self._uniforms(batch, levels + 1))
+        n_acc, next_token, nodes = accept_tree(logits, tree.tokens, tree.parent, tree.valid, tree.depth, sampling)
+        ok = nodes >= 0                                                                     # [B, D]
+        first = start.to(self.device)[:, None] + 1
+        dst = first + torch.arange(nodes.shape[1], device=self.device)[None, :]
+        batch.runner.cache.move(torch.where(ok, first + nodes, dst), dst)  # node j was written at start + 1 + j
+        path = torch.where(ok, tree.tokens.gather(1, nodes.clamp(min=0)), torch.zeros_like(nodes))
+        return n_acc, next_token, path
+
+    def _commit(self, batch: Batch, path: torch.Tensor, proposal: Proposal, n_acc: torch.Tensor,
+                next_token: torch.Tensor) -> torch.Tensor:
         """Append each row's accepted path tokens and its next token to ``tokens``; return
         the round's one host copy, ``[B, 3 + kmax + 1]``: n_acc, path length, L_gen, then the
         emitted tokens.
@@ -314,7 +353,7 @@ class SpeculativeEngine:
         Worked example, one row: path ``[a b c d]``, n_acc 2, next x → emitted
         ``[a b x · ·]`` (columns past n_acc are not kept), written at ``lengths[b] ..
         lengths[b] + 2``; the row's length grows by n_acc + 1 = 3."""
-        path, b, dev = proposal.path, batch.rows, self.device
+        b, dev = batch.rows, self.device
         kmax = path.shape[1]
         emitted = torch.cat([path, path.new_zeros(b, 1)], dim=1)
         emitted.scatter_(1, n_acc[:, None], next_token[:, None])                          # [B, kmax+1]
@@ -330,24 +369,27 @@ class SpeculativeEngine:
         """Host bookkeeping: lengths, the policy's observation, per-request stats and stops;
         rows that finish are marked inactive (and leave the batch after the round)."""
         n_cpu, path_len, gen_len = host[:, 0], host[:, 1], host[:, 2]
-        guard = self._guard(batch)
+        rows = host.tolist()
+        guard = batch.guard
         if guard is not None and batch.prefilled:
             guard.discard()  # a prefill rode in this round: not comparable
-        elif guard is not None:
-            guard.finished(int((n_cpu + 1)[batch.active_cpu].sum()), time.perf_counter() - t0)
+        elif guard is not None:  # every row is active here (finished rows left after the last round)
+            guard.finished(sum(row[0] for row in rows) + len(rows), time.perf_counter() - t0)
         batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
-        if batch.policy is not None:
+        if batch.policy is not None and int(k.max()) > 0:  # a plain round teaches a policy nothing
             batch.policy.observe(RoundOutcome(k=k, generated=gen_len, drafted=path_len, accepted=n_cpu,
                                               time_propose=t_draft + t_search,
-                                              time_verify=0.0 if batch.prefilled else t_verify))
+                                              # a tree's pass is wider than rows × (k + 1): not a verify sample
+                                              time_verify=0.0 if batch.prefilled or proposal.tree is not None
+                                              else t_verify))
         t_other = time.perf_counter() - t0 - t_draft - t_search - t_verify
         hit = proposal.predraft_hit
-        for i, row in enumerate(host.tolist()):
+        for i, (row, ki) in enumerate(zip(rows, k.tolist())):
             req = batch.requests[i]
             n = row[0]
-            req.stats.observe_round(int(k[i]), row[1], n, t_draft, t_search, t_verify, t_other)
-            if hit is not None and int(k[i]) > 0:
+            req.stats.observe_round(ki, row[1], n, t_draft, t_search, t_verify, t_other)
+            if hit is not None and ki > 0:
                 req.stats.predraft_hits += int(hit[i])
                 req.stats.predraft_misses += 1 - int(hit[i])
             if self._append(req, row[3: 3 + n + 1], batch.params):

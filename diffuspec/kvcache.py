@@ -50,6 +50,16 @@ class RaggedKVCache:
         v_buf[rows, :, pos] = value_states.transpose(1, 2)
         return k_buf[:, :, : self.visible], v_buf[:, :, : self.visible]
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy each row's keys/values from columns ``src [B, n]`` to ``dst [B, n]`` (int64,
+        device): the accepted branch of a draft tree into place after the row's prefix.
+        Pairs with src == dst are no-ops; all sources are read before anything is written."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                if buf is not None:
+                    buf[rows, :, dst] = buf[rows, :, src]
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the rows ``index`` ([R] int64), in that order (finished rows leave)."""
         for buffers in (self.keys, self.values):

@@ -23,6 +23,7 @@ from .cps import search_path
 from .drafters.base import DiffusionDrafter
 from .lattice import add_context_candidates, build_lattice, context_continuations
 from .proxy import CausalProxy, FlatNGram, NGramModel, OnlineNGram
+from .tree import DraftTree, build_tree
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Proposal:
     time_search: float
     # [B] bool (CPU): rows whose path was pre-drafted while the last round verified (Ray, pipelined)
     predraft_hit: torch.Tensor | None = None
+    tree: DraftTree | None = None  # the draft tree around the path, when the config asks for one
 
     @classmethod
     def empty(cls, rows: int, device: torch.device) -> "Proposal":
@@ -84,6 +86,9 @@ class PathProposer:
         self._bias: torch.Tensor | None = None
         self._kernels: dict[str, object] = {}  # per device type: the selected kernels (None: reference)
         self._corpus: dict[str, object] = {}   # per kernel path: the corpus table as it reads it
+        # whether the drafter keeps each row's prefix between passes (a pass then encodes only
+        # what is new since the row's last one)
+        self.caches_prefixes = drafter.new_state(0, 1) is not None
         # Chosen now, for the drafter's device: loading (compiling, or reading numba's cache)
         # takes a moment that must not land in a measured round.
         param = next(iter(drafter.parameters()), None)
@@ -161,7 +166,11 @@ class PathProposer:
         else:
             path = lattice.argmax_path()
         path = path.clamp(0, self.emit_vocab - 1)  # whatever the drafter produced, the target can take it
-        return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1)
+        tree = None
+        if cfg.tree.enabled:
+            tree = build_tree(lattice, path, cfg.tree.extra_nodes, self.eos_token_id)
+            tree.tokens = tree.tokens.clamp(0, self.emit_vocab - 1)
+        return Proposal(path, lattice.length, lattice.gen_len, t1 - t0, time.perf_counter() - t1, tree=tree)
 
     def _retrieve(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, kmax: int, kernels) -> torch.Tensor:
         """[B, R, kmax] int64: each row's continuations copied from its own context (-1: none)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .kvcache import RaggedKVCache
+from .tree import ancestor_mask
 
 
 class TargetRunner:
@@ -30,15 +31,31 @@ class TargetRunner:
         input_ids: torch.Tensor,  # [B, n] int64 (device)
         start: torch.Tensor,      # [B] int64 (CPU): cache length of each row before this pass
         keep: int = 0,            # logits for the last `keep` positions only (0: all); prefill keeps 1
+        tree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:            # [B, n or keep, V] logits
+        """``tree``: (parent [B, n-1], depth [B, n-1]) of the draft tree whose nodes follow the
+        root token ``input_ids[:, 0]`` (:mod:`diffuspec.tree`): block column j of a row is
+        written at cache column ``start + j`` and sits at position ``start + depth``, and
+        attends to the cache and to its ancestors in the block only."""
         b, n = input_ids.shape
+        dev = input_ids.device
         visible = min(int(start.max()) + n, self.cache.capacity)  # host metadata: no device sync
-        pos = (start[:, None] + torch.arange(n)[None, :]).to(input_ids.device)  # [B, n]
-        self.cache.write_pos = pos
+        write = (start[:, None] + torch.arange(n)[None, :]).to(dev)               # [B, n]
+        self.cache.write_pos = write
         self.cache.visible = visible
-        cols = torch.arange(visible, device=input_ids.device)
-        allowed = cols[None, None, :] <= pos[:, :, None]                       # [B, n, visible]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=input_ids.device)
+        cols = torch.arange(visible, device=dev)
+        if tree is None:
+            pos = write
+            allowed = cols[None, None, :] <= pos[:, :, None]                       # [B, n, visible]
+        else:
+            parent, depth = tree
+            start_dev = start.to(dev)
+            pos = start_dev[:, None] + torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), depth], dim=1)
+            in_block = cols[None, :] - start_dev[:, None]                            # [B, visible]
+            anc = ancestor_mask(parent)                                             # [B, n, n]
+            block = anc.gather(2, in_block.clamp(0, n - 1)[:, None, :].expand(b, n, visible))
+            allowed = (in_block < 0)[:, None, :] | (block & (in_block < n)[:, None, :])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # [B, 1, n, visible]
         out = self.model(input_ids=input_ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
                          attention_mask=mask, logits_to_keep=keep)

@@ -112,3 +112,43 @@ def accept_sampling(
     in_path = torch.arange(k, device=path.device)[None, :] < path_len[:, None]
     n_acc = _accepted_count((path == samples[:, :k]) & in_path)
     return n_acc, samples.gather(1, n_acc[:, None]).squeeze(1)
+
+
+def accept_tree(
+    target_logits: torch.Tensor,  # [B, N+1, V]: the root's, then each node's
+    tokens: torch.Tensor,         # [B, N] int64: node tokens
+    parent: torch.Tensor,         # [B, N] int64: parent node, -1 for the root's children
+    valid: torch.Tensor,          # [B, N] bool
+    depth: torch.Tensor,          # [B, N] int64: 1 for the root's children
+    sampling: tuple[float, int | None, float | None, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # n_accepted [B], next_token [B], accepted nodes [B, D]
+    """Walk a draft tree down from the root (see :mod:`diffuspec.tree`): at each node the
+    target's own token (argmax; with ``sampling = (temperature, top_k, top_p, uniforms
+    [B, D+1])`` its inverse-CDF sample at the uniform of that output position, the node's
+    depth), then the child holding it. Returns how many nodes were accepted, the token
+    after them, and the accepted nodes' indices by depth (-1 past the end). A chain is the
+    single-path rule exactly."""
+    b, n = tokens.shape
+    dev = tokens.device
+    if sampling is None:
+        target = target_logits.argmax(-1)                                          # [B, N+1]
+    else:
+        temperature, top_k, top_p, uniforms = sampling
+        block_depth = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), depth], dim=1)
+        u = uniforms.gather(1, block_depth.clamp(max=uniforms.shape[1] - 1))
+        target = sample_at(warp_logits(target_logits, temperature, top_k, top_p), u)
+    levels = int(depth.masked_fill(~valid, 0).max()) if n else 0
+    cur = torch.zeros(b, dtype=torch.int64, device=dev)       # block index: 0 is the root
+    alive = torch.ones(b, dtype=torch.bool, device=dev)
+    n_acc = torch.zeros(b, dtype=torch.int64, device=dev)
+    accepted = torch.full((b, levels), -1, dtype=torch.int64, device=dev)
+    for d in range(levels):
+        want = target.gather(1, cur[:, None])                                        # [B, 1]
+        match = valid & (parent + 1 == cur[:, None]) & (tokens == want) & alive[:, None]
+        found = match.any(1)
+        node = match.to(torch.int64).argmax(1)                                        # siblings are distinct
+        cur = torch.where(found, node + 1, cur)
+        accepted[:, d] = torch.where(found, node, torch.full_like(node, -1))
+        n_acc += found
+        alive &= found
+    return n_acc, target.gather(1, cur[:, None]).squeeze(1), accepted
