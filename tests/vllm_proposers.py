@@ -38,7 +38,7 @@ class FaultyProposer(DiffuSpecProposer):
         step = self.calls
         return any(k == kind and (step == s or (e and step > s and (step - s) % e == 0)) for k, s, e in self.faults)
 
-    def _draft(self, token_ids_cpu, rows, lengths, k, kv):
+    def _draft(self, token_ids_cpu, rows, lengths, k, kv, *rest):
         import time
 
         import torch
@@ -57,11 +57,11 @@ class FaultyProposer(DiffuSpecProposer):
                     real = drafter.draft
                     drafter.draft = lambda *a, **kw: real(*a, **kw) * float("nan")
                     try:
-                        return super()._draft(token_ids_cpu, rows, lengths, k, kv)
+                        return super()._draft(token_ids_cpu, rows, lengths, k, kv, *rest)
                     finally:
                         drafter.draft = real
                 if kind == "range":
-                    paths, path_len, gen_len, kv = super()._draft(token_ids_cpu, rows, lengths, k, kv)
+                    paths, path_len, gen_len, kv = super()._draft(token_ids_cpu, rows, lengths, k, kv, *rest)
                     paths = [[t + 10**6 for t in p] for p in paths]
                     return paths, torch.maximum(path_len, torch.ones_like(path_len)), gen_len, kv
-        return super()._draft(token_ids_cpu, rows, lengths, k, kv)
+        return super()._draft(token_ids_cpu, rows, lengths, k, kv, *rest)
