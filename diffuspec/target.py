@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .kvcache import RaggedKVCache
-from .tree import ancestor_mask
+from .tree import ancestor_mask, with_root
 
 
 class TargetRunner:
@@ -50,7 +50,7 @@ class TargetRunner:
         else:
             parent, depth = tree
             start_dev = start.to(dev)
-            pos = start_dev[:, None] + torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), depth], dim=1)
+            pos = start_dev[:, None] + with_root(depth)
             in_block = cols[None, :] - start_dev[:, None]                            # [B, visible]
             anc = ancestor_mask(parent)                                             # [B, n, n]
             block = anc.gather(2, in_block.clamp(0, n - 1)[:, None, :].expand(b, n, visible))

@@ -136,13 +136,19 @@ def _row_tree(tokens: np.ndarray, logq: np.ndarray, valid: np.ndarray, length: i
     return tok, par, dep
 
 
+def with_root(per_node: torch.Tensor, root: int = 0) -> torch.Tensor:
+    """[B, N] per-node values → [B, N+1] over the block ``[root, node 0, .., node N-1]``, the
+    root's value first (a depth of 0, a parent that is itself)."""
+    return torch.cat([per_node.new_full((per_node.shape[0], 1), root), per_node], dim=1)
+
+
 def ancestor_mask(parent: torch.Tensor) -> torch.Tensor:
     """[B, N] parents → [B, N+1, N+1] bool over the block ``[root, node 0, .., node N-1]``:
     entry (i, j) is True when j is i itself or one of its ancestors (the root is everyone's).
     The transitive closure of "is the parent of", by repeated squaring (log2 N products)."""
     b, n = parent.shape
     dev = parent.device
-    block_parent = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), parent + 1], dim=1)  # root: itself
+    block_parent = with_root(parent + 1)  # block indices; the root's parent is itself
     reach = torch.zeros(b, n + 1, n + 1, device=dev)
     reach.scatter_(2, block_parent[:, :, None], 1.0)
     reach += torch.eye(n + 1, device=dev)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .tree import with_root
+
 
 def warp_logits(
     logits: torch.Tensor,  # [..., V]
@@ -134,8 +136,7 @@ def accept_tree(
         target = target_logits.argmax(-1)                                          # [B, N+1]
     else:
         temperature, top_k, top_p, uniforms = sampling
-        block_depth = torch.cat([torch.zeros(b, 1, dtype=torch.int64, device=dev), depth], dim=1)
-        u = uniforms.gather(1, block_depth.clamp(max=uniforms.shape[1] - 1))
+        u = uniforms.gather(1, with_root(depth).clamp(max=uniforms.shape[1] - 1))
         target = sample_at(warp_logits(target_logits, temperature, top_k, top_p), u)
     levels = int(depth.masked_fill(~valid, 0).max()) if n else 0
     cur = torch.zeros(b, dtype=torch.int64, device=dev)       # block index: 0 is the root
