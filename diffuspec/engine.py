@@ -253,7 +253,14 @@ class SpeculativeEngine:
         if policy is None or not ThroughputGuard.applies(self.config):
             return None
         regime = ("greedy",) if params.greedy else (params.temperature, params.top_k, params.top_p)
-        return self.guards.setdefault(regime, ThroughputGuard())
+        if regime not in self.guards:
+            self.guards[regime] = ThroughputGuard(plain_prior=self._plain_step_time)
+        return self.guards[regime]
+
+    def _plain_step_time(self, rows: int) -> float:
+        """Profiled seconds of a round without drafts over ``rows`` rows (the guard's prior)."""
+        self.costs.ensure(rows)
+        return self.costs.round_time(rows, 0)
 
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
         """Each row's k: the policy's choice, at most the tokens the row may still emit − 1;

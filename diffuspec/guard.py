@@ -9,15 +9,23 @@ steps that did not (wall time from one proposal to the next, so the proposal its
 and lets a step draft only while drafting steps measure at least as fast. Rates are
 time-weighted (tokens over seconds), and a mode counts as measured after ``min_samples``
 steps or as much time as that many steps of the other mode: in a busy batch one drafting
-step can take as long as ten plain ones, and it decides as much. Whichever mode is losing
-is re-measured now and then, after ``probe_every`` of the winner's steps' worth of time, or a
-quarter of ``probe_every`` of its own where its steps are longer (a probe then costs at most
-~4/probe_every of the time), so the guard follows a changing load.
+step can take as long as ten plain ones, and it decides as much.
+
+Whichever mode is losing is re-measured now and then, so the guard follows a changing load
+and a changing request mix. How often is set by what a probe costs: one step of the loser
+forgoes ``loser.seconds * (1 - loser_rate / winner_rate)`` seconds' worth of the winner's
+tokens, and probes are spaced so that this is at most ``probe_cost`` of the time. A near tie
+(drafting at 0.9× plain after a request the drafter handled badly) is re-measured within a
+few steps, so the next request, which may draft well, is not decoded plainly on the word of
+the last one; a clear loss (drafting at 0.6× plain when sampling at T = 0.7) is probed
+rarely. Never more rarely than after ``probe_every`` of the winner's steps, or a quarter of
+``probe_every`` of the loser's where those are longer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -45,11 +53,16 @@ class _Rate:
 class ThroughputGuard:
     min_samples: int = 8      # steps of each mode measured before the guard decides...
     margin: float = 0.02      # drafting must not measure more than this fraction slower
-    probe_every: int = 64     # re-measure the losing mode after this many of the winner's steps (see allow)
+    probe_every: int = 64     # re-measure the losing mode at least after this many of the winner's steps (see allow)
+    probe_cost: float = 0.02  # ...and as often as that costs at most this fraction of the time
     smoothing: float = 0.1    # EMA weight of a new step
     rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
     forced_plain: int = 0     # steps the guard kept from drafting
+    # Predicted seconds of a plain step of ``rows`` rows (the profiled verify pass of one token
+    # a row), or None: a class's plain rate then starts from it, counted as min_samples steps,
+    # instead of from plain steps forced while drafting may be winning (probes still correct it).
+    plain_prior: Callable[[int], float] | None = None
     _since: dict[int, float] = field(default_factory=dict)  # per class: seconds since the losing mode last ran
     _pending: tuple[int, bool] | None = None
 
@@ -79,6 +92,8 @@ class ThroughputGuard:
         """May a step of ``rows`` rows draft?"""
         c = self.size_class(rows)
         n = self.steps[c] = self.steps.get(c, 0) + 1
+        if (c, False) not in self.rates and self.plain_prior is not None:
+            self.rates[(c, False)] = _Rate(float(rows), self.plain_prior(rows), self.min_samples)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
         if not self._learnt(spec, plain):
             return True                                   # learn what drafting gives first
@@ -86,13 +101,23 @@ class ThroughputGuard:
             return n % 4 != 0                             # then measure plain steps, one in four
         pays = spec.tokens_per_s >= (1.0 - self.margin) * plain.tokens_per_s
         winner, loser = (spec, plain) if pays else (plain, spec)
-        # The losing mode runs again once probe_every of the winner's steps have passed (a load
-        # that changes is followed), or longer where the loser's steps are long: then a quarter of
-        # probe_every of its steps' time, so a probe costs at most ~4/probe_every of the time.
-        probe = self._since.get(c, 0.0) >= self.probe_every * max(winner.seconds, loser.seconds / 4)
+        probe = self._since.get(c, 0.0) >= self.probe_wait(winner, loser, loser_drafts=not pays)
         allowed = pays != probe
         self.forced_plain += not allowed
         return allowed
+
+    def probe_wait(self, winner: _Rate, loser: _Rate, loser_drafts: bool) -> float:
+        """Seconds of the winner's steps before the loser runs again: at most ``probe_every``
+        winner steps (or a quarter of ``probe_every`` loser steps, where those are longer).
+        A losing *drafting* mode runs sooner, as often as a probe costs at most ``probe_cost``
+        of the time (one step forgoes ``1 - ratio`` of its seconds) but not more than one
+        step in four of the winner's time: drafting's rate changes with what is being written,
+        while plain decoding's depends only on the batch's shape, which its size class fixes."""
+        wait = self.probe_every * max(winner.seconds, loser.seconds / 4)
+        if not loser_drafts or winner.tokens_per_s <= 0:
+            return wait
+        ratio = loser.tokens_per_s / winner.tokens_per_s
+        return min(wait, max(loser.seconds * (1.0 - ratio) / self.probe_cost, 4 * winner.seconds))
 
     def started(self, rows: int, drafted: bool) -> None:
         """A step of ``rows`` rows begins, drafting or not; its outcome comes to :meth:`finished`."""

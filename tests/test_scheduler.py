@@ -289,16 +289,51 @@ def _run_guard(guard, rows: int, spec_rate: float, plain_rate: float, steps: int
 def test_throughput_guard_stops_drafting_that_measures_slower():
     from diffuspec.guard import ThroughputGuard
 
-    guard = ThroughputGuard(min_samples=8, probe_every=64)
+    guard = ThroughputGuard(min_samples=8, probe_every=64, probe_cost=0.02)
     allowed = _run_guard(guard, 64, spec_rate=700, plain_rate=1000, steps=1000)
     late = allowed[200:]
-    assert 800 // 65 <= sum(late) <= 800 // 64 + 1  # only the probes draft: one step in 64 (equal step times)
+    # Equal 1 s steps, drafting at 0.7x: a probe forgoes 0.3 s of plain tokens, so one comes
+    # after 0.3 / 0.02 = 15 plain steps (one step in 16 drafts: 1.9% of the time lost).
+    assert 800 // 17 <= sum(late) <= 800 // 16 + 1
     # drafting that pays keeps drafting, but for one probe of plain decoding in 64 steps
     allowed = _run_guard(guard, 1, spec_rate=400, plain_rate=120, steps=1000)
     assert 0.97 < sum(allowed[200:]) / 800 < 1.0
     # the classes are independent, and a load that changes is followed
     allowed = _run_guard(guard, 64, spec_rate=1500, plain_rate=1000, steps=2000)
     assert sum(allowed[-500:]) / 500 > 0.97
+
+
+@pytest.mark.parametrize("spec_rate, period", [(300, 36), (700, 16), (950, 5)])
+def test_throughput_guard_probes_drafting_as_often_as_it_can_afford(spec_rate, period):
+    """Where drafting loses, it is re-measured after (1 - ratio) / probe_cost of the plain
+    steps' time (at least 4 steps, at most probe_every): a near tie (0.95x) is probed every
+    5th step, so a request that drafts well is found soon; a clear loss (0.3x) every 36th."""
+    from diffuspec.guard import ThroughputGuard
+
+    guard = ThroughputGuard(min_samples=8, probe_every=64, probe_cost=0.02)
+    allowed = _run_guard(guard, 1, spec_rate=spec_rate, plain_rate=1000, steps=1200)
+    late = allowed[200:]
+    assert 1000 // (period + 1) <= sum(late) <= 1000 // period + 1
+    assert sum(late) * (1 - spec_rate / 1000) / 1000 <= 0.02 + 1e-9  # the time the probes forgo
+
+
+def test_throughput_guard_starts_from_the_profiled_plain_step():
+    """With a prior for plain steps (the profiled verify pass), drafting that pays runs from
+    the first step: no plain steps are forced to learn plain's rate, and the first probe of
+    plain comes after probe_every drafting steps; drafting that loses against the prior
+    stops after min_samples steps."""
+    from diffuspec.guard import ThroughputGuard
+
+    prior = lambda rows: 1.0  # noqa: E731  (a plain step of 1000 rows: 1000 tokens in 1 s, as _run_guard's)
+    allowed = _run_guard(ThroughputGuard(min_samples=8, probe_every=64, plain_prior=prior), 1000,
+                         spec_rate=1500, plain_rate=1000, steps=200)
+    assert all(allowed[:64]) and not all(allowed[:70])
+    without = _run_guard(ThroughputGuard(min_samples=8, probe_every=64), 1000, spec_rate=1500, plain_rate=1000,
+                         steps=200)
+    assert not all(without[:16])  # the learning phase measures plain steps
+    allowed = _run_guard(ThroughputGuard(min_samples=8, probe_every=64, plain_prior=prior), 1000,
+                         spec_rate=700, plain_rate=1000, steps=40)
+    assert all(allowed[:8]) and sum(allowed[8:24]) <= 1
 
 
 def test_throughput_guard_weighs_a_long_step_by_its_time():
