@@ -211,6 +211,9 @@ class CostModel:
         self._curves: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._predicted: dict[tuple[str, int, int], float] = {}  # table lookups, until the table grows
         self.revision = 0  # counts changes of the table and of the corrections (for callers' caches)
+        # seconds spent measuring so far: callers that time their rounds leave them out (a
+        # round that profiled a new batch size says nothing about drafting's rate)
+        self.profile_seconds = 0.0
 
     def ensure(self, rows: int) -> None:
         """Measure the grid points around ``rows`` that the table lacks (and save)."""
@@ -218,18 +221,21 @@ class CostModel:
             return
         missing_v = [r for r in _grid_rows(rows) if self.target is not None and r not in self.table.verify]
         missing_p = [r for r in _grid_rows(rows) if self.proposer is not None and r not in self.table.propose]
+        if not (missing_v or missing_p):
+            return
+        t0 = time.perf_counter()
         for r in missing_v:
             self.table.verify[r] = measure_verify(self.target, r)
         for r in missing_p:
             self.table.propose[r] = measure_propose(self.proposer, r)
-        if missing_v or missing_p:
-            self.revision += 1
-            self._curves.clear()
-            self._predicted.clear()
-            try:
-                self.table.save(self.path)
-            except OSError:  # a read-only cache folder costs a re-profile next time, nothing else
-                pass
+        self.revision += 1
+        self._curves.clear()
+        self._predicted.clear()
+        try:
+            self.table.save(self.path)
+        except OSError:  # a read-only cache folder costs a re-profile next time, nothing else
+            pass
+        self.profile_seconds += time.perf_counter() - t0
 
     def round_time(self, rows: int, kmax: int) -> float:
         """Predicted seconds of a round: ``rows`` rows verifying ``kmax + 1`` tokens each
@@ -365,6 +371,11 @@ class StepCost:
     def ensure(self, rows: int) -> None:
         if self.proposals is not None:
             self.proposals.ensure(rows)
+
+    @property
+    def profile_seconds(self) -> float:
+        """Seconds spent profiling the proposer so far (see CostModel.profile_seconds)."""
+        return self.proposals.profile_seconds if self.proposals is not None else 0.0
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """One step of ``tokens`` tokens took ``seconds`` (our proposal's time excluded).

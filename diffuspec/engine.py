@@ -160,14 +160,14 @@ class SpeculativeEngine:
         while batch.rows or batch.waiting:
             with torch.inference_mode():  # per round: the caller's code between rounds runs as it would
                 self._admit(batch, prompts, outputs)
-                t0 = time.perf_counter()
+                t0, profiled = time.perf_counter(), self._profile_seconds()
                 k = self._draft_lengths(batch)
                 proposal = self._propose(batch, k)
                 t_verify = time.perf_counter()
                 n_acc, next_token, accepted_path = self._verify(batch, proposal)
                 host = self._commit(batch, accepted_path, proposal, n_acc, next_token)
                 t_verify = time.perf_counter() - t_verify
-                self._record(batch, k, proposal, host, t_verify, t0)
+                self._record(batch, k, proposal, host, t_verify, t0, self._profile_seconds() - profiled)
                 grew = [r.index for r in batch.requests]
                 self._retire(batch)
             yield outputs, grew
@@ -256,6 +256,10 @@ class SpeculativeEngine:
         if regime not in self.guards:
             self.guards[regime] = ThroughputGuard(plain_prior=self._plain_step_time)
         return self.guards[regime]
+
+    def _profile_seconds(self) -> float:
+        """Seconds the cost model has spent profiling: a round that profiled is timed without them."""
+        return 0.0 if self.costs is None else self.costs.profile_seconds
 
     def _plain_step_time(self, rows: int) -> float:
         """Profiled seconds of a round without drafts over ``rows`` rows (the guard's prior)."""
@@ -372,16 +376,17 @@ class SpeculativeEngine:
         return torch.cat([n_acc[:, None], proposal.path_len[:, None], proposal.gen_len[:, None], emitted], dim=1).cpu()
 
     def _record(self, batch: Batch, k: torch.Tensor, proposal: Proposal, host: torch.Tensor, t_verify: float,
-                t0: float) -> None:
+                t0: float, profiled: float = 0.0) -> None:
         """Host bookkeeping: lengths, the policy's observation, per-request stats and stops;
-        rows that finish are marked inactive (and leave the batch after the round)."""
+        rows that finish are marked inactive (and leave the batch after the round).
+        ``profiled``: seconds of the round the cost model spent measuring (not the round's own)."""
         n_cpu, path_len, gen_len = host[:, 0], host[:, 1], host[:, 2]
         rows = host.tolist()
         guard = batch.guard
         if guard is not None and batch.prefilled:
             guard.discard()  # a prefill rode in this round: not comparable
         elif guard is not None:  # every row is active here (finished rows left after the last round)
-            guard.finished(sum(row[0] for row in rows) + len(rows), time.perf_counter() - t0)
+            guard.finished(sum(row[0] for row in rows) + len(rows), time.perf_counter() - t0 - profiled)
         batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
         if batch.policy is not None and int(k.max()) > 0:  # a plain round teaches a policy nothing

@@ -12,14 +12,19 @@ steps or as much time as that many steps of the other mode: in a busy batch one 
 step can take as long as ten plain ones, and it decides as much.
 
 Whichever mode is losing is re-measured now and then, so the guard follows a changing load
-and a changing request mix. How often is set by what a probe costs: one step of the loser
-forgoes ``loser.seconds * (1 - loser_rate / winner_rate)`` seconds' worth of the winner's
-tokens, and probes are spaced so that this is at most ``probe_cost`` of the time. A near tie
+and a changing request mix. A losing plain mode is probed after ``probe_every`` of the
+winner's steps (or a quarter of ``probe_every`` of its own where those are longer): plain
+decoding's rate depends only on the batch's shape, which the size class fixes. A losing
+drafting mode is probed as often as that costs at most ``probe_cost`` of the time: one
+drafting step forgoes ``seconds * (1 - its rate / plain's)`` of plain's tokens. A near tie
 (drafting at 0.9× plain after a request the drafter handled badly) is re-measured within a
 few steps, so the next request, which may draft well, is not decoded plainly on the word of
-the last one; a clear loss (drafting at 0.6× plain when sampling at T = 0.7) is probed
-rarely. Never more rarely than after ``probe_every`` of the winner's steps, or a quarter of
-``probe_every`` of the loser's where those are longer.
+the last one; a clear loss (sampling at T = 0.7) is probed rarely. A probe of drafting is
+two steps: the first also catches the drafter's cache up on what the plain steps wrote (a
+cost of switching, left out of the rate), the second is measured.
+
+In our engine the plain rate starts from a prior, the profiled plain round (``plain_prior``),
+so no plain steps are forced while drafting wins; a prior never decides by time alone.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ class _Rate:
 
     tokens: float = 0.0
     seconds: float = 0.0
-    samples: int = 0
+    samples: int = 0   # steps averaged in, a prior's included
+    measured: int = 0  # steps measured (not a prior's)
 
     def add(self, tokens: float, seconds: float, smoothing: float) -> None:
         self.samples += 1
+        self.measured += 1
         weight = max(1.0 / self.samples, smoothing)
         self.tokens += weight * (tokens - self.tokens)
         self.seconds += weight * (seconds - self.seconds)
@@ -64,6 +71,8 @@ class ThroughputGuard:
     # instead of from plain steps forced while drafting may be winning (probes still correct it).
     plain_prior: Callable[[int], float] | None = None
     _since: dict[int, float] = field(default_factory=dict)  # per class: seconds since the losing mode last ran
+    _drafted: dict[int, bool] = field(default_factory=dict)  # per class: whether its last step drafted
+    _again: set[int] = field(default_factory=set)            # classes whose next step drafts (see finished)
     _pending: tuple[int, bool] | None = None
 
     @staticmethod
@@ -85,13 +94,16 @@ class ThroughputGuard:
             return False
         if rate.samples >= self.min_samples:
             return True
-        return other is not None and other.samples >= self.min_samples and \
+        return other is not None and other.measured >= self.min_samples and \
             rate.samples * rate.seconds >= self.min_samples * other.seconds
 
     def allow(self, rows: int) -> bool:
         """May a step of ``rows`` rows draft?"""
         c = self.size_class(rows)
         n = self.steps[c] = self.steps.get(c, 0) + 1
+        if c in self._again:  # the step after a catch-up step is the one that measures drafting
+            self._again.discard(c)
+            return True
         if (c, False) not in self.rates and self.plain_prior is not None:
             self.rates[(c, False)] = _Rate(float(rows), self.plain_prior(rows), self.min_samples)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
@@ -107,17 +119,19 @@ class ThroughputGuard:
         return allowed
 
     def probe_wait(self, winner: _Rate, loser: _Rate, loser_drafts: bool) -> float:
-        """Seconds of the winner's steps before the loser runs again: at most ``probe_every``
-        winner steps (or a quarter of ``probe_every`` loser steps, where those are longer).
-        A losing *drafting* mode runs sooner, as often as a probe costs at most ``probe_cost``
-        of the time (one step forgoes ``1 - ratio`` of its seconds) but not more than one
-        step in four of the winner's time: drafting's rate changes with what is being written,
-        while plain decoding's depends only on the batch's shape, which its size class fixes."""
+        """Seconds of the winner's steps before the loser runs again: ``probe_every`` winner
+        steps (or a quarter of ``probe_every`` loser steps, where those are longer). A losing
+        *drafting* mode is probed with two steps (the first catches the drafter up, see
+        :meth:`finished`), as often as that costs at most ``probe_cost`` of the time (a step
+        forgoes ``1 - ratio`` of its seconds), after no fewer than four winner steps and no
+        more than twice the plain rule's wait: drafting's rate changes with what is being
+        written, while plain decoding's depends only on the batch's shape, which its size class
+        fixes."""
         wait = self.probe_every * max(winner.seconds, loser.seconds / 4)
         if not loser_drafts or winner.tokens_per_s <= 0:
             return wait
         ratio = loser.tokens_per_s / winner.tokens_per_s
-        return min(wait, max(loser.seconds * (1.0 - ratio) / self.probe_cost, 4 * winner.seconds))
+        return min(2 * wait, max(2 * loser.seconds * (1.0 - ratio) / self.probe_cost, 4 * winner.seconds))
 
     def started(self, rows: int, drafted: bool) -> None:
         """A step of ``rows`` rows begins, drafting or not; its outcome comes to :meth:`finished`."""
@@ -129,7 +143,15 @@ class ThroughputGuard:
         if key is None or seconds <= 0:
             return
         c, drafted = key
-        self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
+        # The first drafting step after plain ones also encodes, in the drafter, every token the
+        # plain steps wrote (its cache catches up): a cost of switching, not of drafting. It is
+        # left out, and the next step drafts too and is measured in its place.
+        catching_up = drafted and self._drafted.get(c) is False
+        self._drafted[c] = drafted
+        if catching_up:
+            self._again.add(c)
+        else:
+            self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
         if spec is not None and plain is not None:
             losing = spec.tokens_per_s < (1.0 - self.margin) * plain.tokens_per_s

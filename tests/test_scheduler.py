@@ -255,6 +255,39 @@ def test_cost_policy_in_the_engine_is_exact(tiny_target, tiny_pair, tmp_path, mo
         assert o.token_ids == hf_greedy(model, p, 16, None)
     saved = list((tmp_path / "costs").glob("*.json"))
     assert len(saved) == 1 and set(CostTable.load(saved[0]).verify) >= {2, 4}  # measured around 3 rows
+    assert profiled.costs.profile_seconds > 0  # the time it took, which rounds leave out of their own
+
+
+def test_profiling_inside_a_round_is_not_the_rounds_time(tiny_target, tiny_pair, tmp_path, monkeypatch):
+    """The cost model profiles a batch size the first time it meets it, inside a round. The
+    throughput guard times rounds without it: a round that profiled says nothing about
+    drafting's rate (here every round "profiles" for 0.1 s)."""
+    import time
+
+    from diffuspec.drafters import load_drafter
+
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path))
+    model, tok = tiny_target
+    engine = SpeculativeEngine(model, load_drafter(tiny_pair[1]), DiffuSpecConfig.from_kwargs(adl="cost"), None,
+                               emit_vocab=model.config.vocab_size)
+    prompt = tok("def f(x):")["input_ids"]
+    engine.generate([prompt], SamplingParams(max_new_tokens=4))  # the cost model is built and profiled
+    costs = engine.costs
+
+    def slow_ensure(rows):
+        time.sleep(0.1)
+        costs.profile_seconds += 0.1
+    monkeypatch.setattr(costs, "ensure", slow_ensure)
+    from diffuspec.guard import ThroughputGuard
+
+    timed = []
+    finished = ThroughputGuard.finished
+    monkeypatch.setattr(ThroughputGuard, "finished", lambda self, tokens, seconds: (
+        timed.append(seconds), finished(self, tokens, seconds))[-1])
+    engine.guards.clear()
+    engine.generate([prompt], SamplingParams(max_new_tokens=12))
+    assert costs.profile_seconds >= 0.2 and len(timed) >= 3  # profiling ran in rounds the guard timed
+    assert max(timed) < 0.08
 
 
 def test_auto_routes_small_greedy_batches_to_the_paper_rule():
@@ -292,9 +325,9 @@ def test_throughput_guard_stops_drafting_that_measures_slower():
     guard = ThroughputGuard(min_samples=8, probe_every=64, probe_cost=0.02)
     allowed = _run_guard(guard, 64, spec_rate=700, plain_rate=1000, steps=1000)
     late = allowed[200:]
-    # Equal 1 s steps, drafting at 0.7x: a probe forgoes 0.3 s of plain tokens, so one comes
-    # after 0.3 / 0.02 = 15 plain steps (one step in 16 drafts: 1.9% of the time lost).
-    assert 800 // 17 <= sum(late) <= 800 // 16 + 1
+    # Equal 1 s steps, drafting at 0.7x: a probe (two drafting steps, the first catching the
+    # drafter up) forgoes 0.6 s of plain tokens, so one comes after 0.6 / 0.02 = 30 plain steps.
+    assert abs(sum(late) - 2 * 800 / 32) <= 3
     # drafting that pays keeps drafting, but for one probe of plain decoding in 64 steps
     allowed = _run_guard(guard, 1, spec_rate=400, plain_rate=120, steps=1000)
     assert 0.97 < sum(allowed[200:]) / 800 < 1.0
@@ -303,18 +336,35 @@ def test_throughput_guard_stops_drafting_that_measures_slower():
     assert sum(allowed[-500:]) / 500 > 0.97
 
 
-@pytest.mark.parametrize("spec_rate, period", [(300, 36), (700, 16), (950, 5)])
-def test_throughput_guard_probes_drafting_as_often_as_it_can_afford(spec_rate, period):
-    """Where drafting loses, it is re-measured after (1 - ratio) / probe_cost of the plain
-    steps' time (at least 4 steps, at most probe_every): a near tie (0.95x) is probed every
-    5th step, so a request that drafts well is found soon; a clear loss (0.3x) every 36th."""
+@pytest.mark.parametrize("spec_rate, wait", [(300, 70), (700, 30), (950, 5)])
+def test_throughput_guard_probes_drafting_as_often_as_it_can_afford(spec_rate, wait):
+    """Where drafting loses, it is re-measured after 2 (1 - ratio) / probe_cost of the plain
+    steps' time (a probe is two drafting steps; at least 4 plain steps, at most 2 probe_every):
+    a near tie (0.95x) is probed after 5 plain steps, so a request that drafts well is found
+    soon; a clear loss (0.3x) after 70."""
     from diffuspec.guard import ThroughputGuard
 
     guard = ThroughputGuard(min_samples=8, probe_every=64, probe_cost=0.02)
     allowed = _run_guard(guard, 1, spec_rate=spec_rate, plain_rate=1000, steps=1200)
     late = allowed[200:]
-    assert 1000 // (period + 1) <= sum(late) <= 1000 // period + 1
-    assert sum(late) * (1 - spec_rate / 1000) / 1000 <= 0.02 + 1e-9  # the time the probes forgo
+    assert 2 * 1000 / (wait + 3) - 3 <= sum(late) <= 2 * 1000 / (wait + 2) + 3  # (+1: a wait just past a step)
+    assert sum(late) * (1 - spec_rate / 1000) / 1000 <= 0.021  # the time the probes forgo
+
+
+def test_throughput_guard_leaves_out_the_drafters_catch_up_step():
+    """The first drafting step after plain ones pays for encoding what they wrote: it is
+    not counted, and the next step drafts and is."""
+    from diffuspec.guard import ThroughputGuard
+
+    guard = ThroughputGuard(min_samples=2, probe_every=64)
+    for drafted, tokens, seconds in [(True, 10, 1.0), (False, 1, 0.1), (True, 2, 5.0)]:
+        guard.started(1, drafted)
+        guard.finished(tokens, seconds)
+    assert guard.rates[(1, True)].measured == 1 and guard.rates[(1, True)].seconds == 1.0
+    assert guard.allow(1)  # the measuring step follows, whatever the rates say
+    guard.started(1, True)
+    guard.finished(10, 1.0)
+    assert guard.rates[(1, True)].measured == 2
 
 
 def test_throughput_guard_starts_from_the_profiled_plain_step():
@@ -338,9 +388,10 @@ def test_throughput_guard_starts_from_the_profiled_plain_step():
 
 def test_throughput_guard_weighs_a_long_step_by_its_time():
     """A busy batch: one drafting step takes as long as 20 plain steps and emits 5 times
-    their tokens. The guard decides after that one step (its time outweighs min_samples
-    plain steps), and probes it again only after 16 such steps' worth of plain time (a
-    quarter of probe_every: a probe then costs ~1/16 of the time)."""
+    their tokens. The guard decides after one such step measured (its time outweighs
+    min_samples plain steps; the first after plain steps is the drafter's catch-up, left
+    out), and probes it again (two steps) only after 32 such steps' worth of plain time
+    (twice a quarter of probe_every: a probe then costs ~1/16 of the time)."""
     from diffuspec.guard import ThroughputGuard
 
     guard = ThroughputGuard(min_samples=8, probe_every=64)
@@ -356,8 +407,10 @@ def test_throughput_guard_weighs_a_long_step_by_its_time():
         guard.started(64, drafted=ok)
         guard.finished(320 if ok else 64, 1.0 if ok else 0.05)
         drafted.append(ok)
-    assert sum(drafted[:300]) == 0  # 16 s of plain steps (320 of them) before the first probe
-    assert 1 <= sum(drafted) <= 3000 * 0.05 // 16 + 1  # then one probe per 16 s of plain time
+    # that step followed plain ones (the drafter caught up in it), so the next one drafts and is measured;
+    # then 32 s of plain steps (twice the plain rule's 16 s: a probe is two steps) before the first probe
+    assert drafted[0] and sum(drafted[1:300]) == 0
+    assert 2 <= sum(drafted) <= 2 * (3000 * 0.05 // 32 + 1) + 1  # then one two-step probe per 32 s of plain time
 
 
 def test_throughput_guard_ignores_steps_it_cannot_compare():

@@ -292,6 +292,7 @@ class DiffuSpecProposer:
         # at least as many tokens/s as plain ones (diffuspec.guard).
         self.guard = ThroughputGuard()
         self._last_start: float | None = None  # when the last step's proposal began
+        self._last_profiled = 0.0              # the cost model's profiling seconds then
         self._pool = None   # the thread proposals run on, with drafter_timeout_s
         self._late = None   # a proposal abandoned at its timeout, maybe still running
 
@@ -350,11 +351,12 @@ class DiffuSpecProposer:
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
         clean = len(rows) == n_rows and all(p is not None for p in prev)
         self._observe_step(t0, clean)
+        profiled = 0.0 if self.costs is None else self.costs.profile_seconds  # (cost profiling is not a step's)
         if clean and self._last_start is not None:
-            self.guard.finished(int(emitted.sum()), t0 - self._last_start)
+            self.guard.finished(int(emitted.sum()), t0 - self._last_start - (profiled - self._last_profiled))
         else:
             self.guard.discard()
-        self._last_start = t0
+        self._last_start, self._last_profiled = t0, profiled
 
         # The draft-length policy on the gathered rows: last step's outcome, then this step's k.
         policy = self._policy(prev, emitted)
