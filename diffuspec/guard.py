@@ -19,9 +19,10 @@ drafting mode is probed as often as that costs at most ``probe_cost`` of the tim
 drafting step forgoes ``seconds * (1 - its rate / plain's)`` of plain's tokens. A near tie
 (drafting at 0.9× plain after a request the drafter handled badly) is re-measured within a
 few steps, so the next request, which may draft well, is not decoded plainly on the word of
-the last one; a clear loss (sampling at T = 0.7) is probed rarely. A probe of drafting is
-two steps: the first also catches the drafter's cache up on what the plain steps wrote (a
-cost of switching, left out of the rate), the second is measured.
+the last one; a clear loss (sampling at T = 0.7) is probed rarely. (A probe also pays for
+the drafter's cache catching up on what the plain steps wrote: leaving that step out and
+measuring the next one instead was tried, and cost 10% on MT-Bench, where probes then came
+half as often.)
 
 In our engine the plain rate starts from a prior, the profiled plain round (``plain_prior``),
 so no plain steps are forced while drafting wins; a prior never decides by time alone.
@@ -71,8 +72,6 @@ class ThroughputGuard:
     # instead of from plain steps forced while drafting may be winning (probes still correct it).
     plain_prior: Callable[[int], float] | None = None
     _since: dict[int, float] = field(default_factory=dict)  # per class: seconds since the losing mode last ran
-    _drafted: dict[int, bool] = field(default_factory=dict)  # per class: whether its last step drafted
-    _again: set[int] = field(default_factory=set)            # classes whose next step drafts (see finished)
     _pending: tuple[int, bool] | None = None
 
     @staticmethod
@@ -101,9 +100,6 @@ class ThroughputGuard:
         """May a step of ``rows`` rows draft?"""
         c = self.size_class(rows)
         n = self.steps[c] = self.steps.get(c, 0) + 1
-        if c in self._again:  # the step after a catch-up step is the one that measures drafting
-            self._again.discard(c)
-            return True
         if (c, False) not in self.rates and self.plain_prior is not None:
             self.rates[(c, False)] = _Rate(float(rows), self.plain_prior(rows), self.min_samples)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
@@ -121,17 +117,15 @@ class ThroughputGuard:
     def probe_wait(self, winner: _Rate, loser: _Rate, loser_drafts: bool) -> float:
         """Seconds of the winner's steps before the loser runs again: ``probe_every`` winner
         steps (or a quarter of ``probe_every`` loser steps, where those are longer). A losing
-        *drafting* mode is probed with two steps (the first catches the drafter up, see
-        :meth:`finished`), as often as that costs at most ``probe_cost`` of the time (a step
-        forgoes ``1 - ratio`` of its seconds), after no fewer than four winner steps and no
-        more than twice the plain rule's wait: drafting's rate changes with what is being
-        written, while plain decoding's depends only on the batch's shape, which its size class
-        fixes."""
+        *drafting* mode runs sooner, as often as a probe costs at most ``probe_cost`` of the
+        time (one step forgoes ``1 - ratio`` of its seconds), but after no fewer than four
+        winner steps: drafting's rate changes with what is being written, while plain
+        decoding's depends only on the batch's shape, which its size class fixes."""
         wait = self.probe_every * max(winner.seconds, loser.seconds / 4)
         if not loser_drafts or winner.tokens_per_s <= 0:
             return wait
         ratio = loser.tokens_per_s / winner.tokens_per_s
-        return min(2 * wait, max(2 * loser.seconds * (1.0 - ratio) / self.probe_cost, 4 * winner.seconds))
+        return min(wait, max(loser.seconds * (1.0 - ratio) / self.probe_cost, 4 * winner.seconds))
 
     def started(self, rows: int, drafted: bool) -> None:
         """A step of ``rows`` rows begins, drafting or not; its outcome comes to :meth:`finished`."""
@@ -143,15 +137,7 @@ class ThroughputGuard:
         if key is None or seconds <= 0:
             return
         c, drafted = key
-        # The first drafting step after plain ones also encodes, in the drafter, every token the
-        # plain steps wrote (its cache catches up): a cost of switching, not of drafting. It is
-        # left out, and the next step drafts too and is measured in its place.
-        catching_up = drafted and self._drafted.get(c) is False
-        self._drafted[c] = drafted
-        if catching_up:
-            self._again.add(c)
-        else:
-            self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
+        self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
         if spec is not None and plain is not None:
             losing = spec.tokens_per_s < (1.0 - self.margin) * plain.tokens_per_s
