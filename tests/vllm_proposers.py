@@ -14,6 +14,18 @@ class RaggedDraftsProposer(DiffuSpecProposer):
         return [[] if i % 3 == 0 else d[:1] if i % 3 == 1 else d for i, d in enumerate(drafts)]
 
 
+class AlternateStepsProposer(DiffuSpecProposer):
+    """DiffuSpec's drafts on odd steps, none for any row on even ones: vLLM runs steps with
+    and without drafts in turn (the step patches of diffuspec_vllm.steps take both paths)."""
+
+    steps = 0
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
+        drafts = super().propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
+        self.steps += 1
+        return drafts if self.steps % 2 else [[] for _ in drafts]
+
+
 class FaultyProposer(DiffuSpecProposer):
     """DiffuSpec with faults injected at chosen drafter calls, for the soak test: the
     environment variable DIFFUSPEC_TEST_FAULTS lists ``kind@call`` (comma-separated; counted

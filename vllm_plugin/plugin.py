@@ -45,11 +45,14 @@ _ALIASES = (("spec_method", "method"), ("spec_model", "model"), ("spec_tokens", 
 
 
 def register() -> None:
-    """Entry point (``vllm.general_plugins``): install the short form and the vLLM fixes
-    (:mod:`diffuspec_vllm.fixes`). Idempotent."""
+    """Entry point (``vllm.general_plugins``): install the short form, the vLLM fixes
+    (:mod:`diffuspec_vllm.fixes`) and the engine side of the step patches
+    (:mod:`diffuspec_vllm.steps`). Idempotent."""
+    from . import steps
     from .fixes import apply_vllm_fixes
 
     apply_vllm_fixes()
+    steps.install_engine_side()
     _install_hook()
 
 

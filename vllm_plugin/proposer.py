@@ -268,11 +268,13 @@ class DiffuSpecProposer:
     def __init__(self, vllm_config: Any) -> None:
         import vllm
 
+        from . import steps
         from .fixes import apply_vllm_fixes
         from .plugin import check_vllm_version
 
         check_vllm_version(getattr(vllm, "__version__", "unknown"))  # also without the plugin (long form)
         apply_vllm_fixes()  # in the worker, where vLLM verifies the drafts
+        steps.install_worker_side(DiffuSpecProposer)  # steps without drafts cost what plain ones do
         self.settings = settings_from_vllm_config(vllm_config)  # raises at start-up on bad input
         self.dtype = vllm_config.model_config.dtype
         self.default_device = torch.device(str(getattr(vllm_config.device_config, "device", "cpu") or "cpu"))
