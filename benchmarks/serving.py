@@ -33,6 +33,9 @@ sys.path.insert(0, str(HERE))
 from hardware import machine_info  # noqa: E402
 from vllm_methods import DIFFUSPEC, NGRAM  # noqa: E402
 
+# vLLM's speculative path with our proposer drafting nothing: what the mode itself costs
+DRAFTING_OFF = ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
+                "--additional-config", json.dumps({"diffuspec": {"speculate": False}})]
 # name → extra `diffuspec serve` flags
 CONFIGS = {
     "plain": [],
@@ -41,12 +44,8 @@ CONFIGS = {
     "ngram": ["--speculative-config", json.dumps(NGRAM)],
     # the default policy ("auto": the cost model inside vLLM) and the paper's ADL under the verify budget
     "diffuspec": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8})],
-    # vLLM's speculative path with our proposer drafting nothing: what the mode itself costs
-    "diffuspec-off": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
-                      "--additional-config", json.dumps({"diffuspec": {"speculate": False}})],
-    # the same, without diffuspec_vllm.steps: vLLM's own speculative step
-    "diffuspec-off-unpatched": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
-                                "--additional-config", json.dumps({"diffuspec": {"speculate": False}})],
+    "diffuspec-off": DRAFTING_OFF,
+    "diffuspec-off-unpatched": DRAFTING_OFF,  # the same without diffuspec_vllm.steps (CONFIG_ENV)
     "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
                         "--additional-config", json.dumps({"diffuspec": {"adl": "paper"}})],
 }

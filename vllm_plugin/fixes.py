@@ -41,6 +41,7 @@ import torch
 logger = logging.getLogger("vllm.diffuspec_vllm")
 
 _applied = False
+_MARK = "__diffuspec_patch__"  # set on every vLLM method diffuspec replaced (here and in steps.py)
 
 
 def expand_to_tokens(values: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int,
@@ -89,25 +90,34 @@ def apply_vllm_fixes() -> bool:
     return True
 
 
+def patch_once(cls: type, name: str, make) -> None:
+    """Replace ``cls.name`` by ``make(original)``, once per process (a marked replacement is
+    left alone)."""
+    original = getattr(cls, name)
+    if getattr(original, _MARK, False):
+        return
+    replacement = make(original)
+    setattr(replacement, _MARK, True)
+    replacement.__wrapped__ = original
+    setattr(cls, name, replacement)
+
+
 def _skip_cpu_generator_rewind() -> None:
     """Run ``_bookkeeping_sync`` without the generators of CPU requests (the only use it
     makes of them is the offset rewind, which CPU generators do not support)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner._bookkeeping_sync
-    if getattr(original, "__diffuspec_fix__", False):
-        return
+    def bookkeeping_sync(original):
+        def run(self, *args, **kwargs):
+            batch = self.input_batch
+            generators = batch.generators
+            if not any(g.device.type == "cpu" for g in generators.values()):
+                return original(self, *args, **kwargs)
+            batch.generators = {i: g for i, g in generators.items() if g.device.type != "cpu"}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                batch.generators = generators
+        return run
 
-    def bookkeeping_sync(self, *args, **kwargs):
-        batch = self.input_batch
-        generators = batch.generators
-        if not any(g.device.type == "cpu" for g in generators.values()):
-            return original(self, *args, **kwargs)
-        batch.generators = {i: g for i, g in generators.items() if g.device.type != "cpu"}
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            batch.generators = generators
-
-    bookkeeping_sync.__diffuspec_fix__ = True
-    GPUModelRunner._bookkeeping_sync = bookkeeping_sync
+    patch_once(GPUModelRunner, "_bookkeeping_sync", bookkeeping_sync)

@@ -43,14 +43,16 @@ from __future__ import annotations
 import logging
 import os
 
+from .fixes import patch_once
+
 logger = logging.getLogger("vllm.diffuspec_vllm")
 
 CARRIED = "_diffuspec_draft_token_ids"  # the ModelRunnerOutput attribute the drafts ride in
-_MARK = "__diffuspec_steps__"
 # Logged once per process, the first time each patch acts (the tests look for them).
 LOG_CARRIED = "diffuspec: drafts taken from the step's output (no take_draft_token_ids RPC)"
 LOG_PLAIN = "diffuspec: a step without drafts sampled by vLLM's plain sampler"
 _logged: set[str] = set()
+_MISSING = object()
 
 
 def _log_once(message: str) -> None:
@@ -61,17 +63,6 @@ def _log_once(message: str) -> None:
 
 def enabled() -> bool:
     return os.environ.get("DIFFUSPEC_VLLM_STEP_PATCHES", "1") != "0"
-
-
-def _patch(cls: type, name: str, make) -> None:
-    """Replace ``cls.name`` by ``make(original)`` once."""
-    original = getattr(cls, name)
-    if getattr(original, _MARK, False):
-        return
-    replacement = make(original)
-    setattr(replacement, _MARK, True)
-    replacement.__wrapped__ = original
-    setattr(cls, name, replacement)
 
 
 def _guarded(install):
@@ -108,17 +99,16 @@ def install_engine_side() -> None:
 
     def take_draft_token_ids(original):
         def run(self):
-            missing = object()
-            carried = self.__dict__.pop(CARRIED, missing)
-            if carried is missing:
+            carried = self.__dict__.pop(CARRIED, _MISSING)
+            if carried is _MISSING:
                 return original(self)
             _log_once(LOG_CARRIED)
             return carried
         return run
 
-    _patch(MultiprocExecutor, "execute_model", execute_model)
-    _patch(MultiprocExecutor, "sample_tokens", sample_tokens)
-    _patch(MultiprocExecutor, "take_draft_token_ids", take_draft_token_ids)
+    patch_once(MultiprocExecutor, "execute_model", execute_model)
+    patch_once(MultiprocExecutor, "sample_tokens", sample_tokens)
+    patch_once(MultiprocExecutor, "take_draft_token_ids", take_draft_token_ids)
 
 
 @_guarded
@@ -149,5 +139,5 @@ def install_worker_side(proposer_class: type) -> None:
             return original(self, logits, spec_decode_metadata)
         return run
 
-    _patch(Worker, "sample_tokens", sample_tokens)
-    _patch(GPUModelRunner, "_sample", sample)
+    patch_once(Worker, "sample_tokens", sample_tokens)
+    patch_once(GPUModelRunner, "_sample", sample)
