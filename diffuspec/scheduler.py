@@ -178,10 +178,22 @@ class CostAwareDraftLength(DraftLengthPolicy):
         super().reset(rows)
         self.caps = AdaptiveDraftLength(rows, self.cfg)  # each request's ADL: its own longest draft
 
+    @classmethod
+    def skip_round(cls, pooled: AcceptanceModel) -> bool:
+        """Count one more round of plain decoding without deciding again, where the last
+        decision was plain decoding and no draft has taught anything since: until the next
+        re-check (every ``recheck_every`` rounds) or exploration. Returns whether it did; a
+        caller that knows the outcome in advance (the vLLM proposer) may then skip the round's
+        bookkeeping too."""
+        n = pooled.plain_rounds
+        if n and n % cls.recheck_every and n < pooled.explore_after:
+            pooled.plain_rounds += 1
+            return True
+        return False
+
     def choose(self, view: RoundView) -> torch.Tensor:  # [B] int64
         pooled = self.acceptance
-        if pooled.plain_rounds and pooled.plain_rounds % self.recheck_every and pooled.plain_rounds < pooled.explore_after:
-            pooled.plain_rounds += 1  # decoding plainly, and no draft has taught anything new since
+        if self.skip_round(pooled):
             return torch.zeros(self.rows, dtype=torch.int64)
         active = view.active.numpy()
         rows = int(np.count_nonzero(active))

@@ -109,6 +109,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from diffuspec.adl import AdaptiveDraftLength  # noqa: E402
 from diffuspec.recipe.tiny import build_random_pair  # noqa: E402
+from diffuspec.scheduler import CostAwareDraftLength  # noqa: E402
 from diffuspec_vllm import steps  # noqa: E402
 from diffuspec_vllm.plugin import translate  # noqa: E402
 from diffuspec_vllm.proposer import PROPOSER_CLASS, DiffuSpecProposer, RequestState, RequestStates  # noqa: E402
@@ -572,6 +573,45 @@ def test_drafter_prefix_cache_follows_the_request(pair):
     assert any(s.drafter_kv is not None for s in held) and any(s.ngrams is not None for s in held)
     # the bound covers the drafter caches and the online proxy's counts the states hold
     assert cached.states.held_bytes == sum(RequestStates._bytes(s) for s in held) > 0
+
+
+def test_steps_held_plain_keep_each_requests_state(proposer_pair):
+    """While the policy holds plain decoding (it re-decides only every few steps), a step
+    looks nothing up; the next full step still finds each request's state, whatever row it
+    moved to, and a request that arrived during the hold starts afresh."""
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
+    proposer.load_model(None)
+    allow = proposer.guard.allow
+    proposer.guard.allow = lambda rows: False  # this step drafts nothing: the next ones may be held
+    a, b = [5, 6, 7, 8, 9, 10], [20, 21, 22]
+    lengths, tokens = _batch([a, b])
+    assert proposer.propose([[10], [22]], lengths, tokens) == [[], []]
+    marked = {"gen_ema": 6.5, "acc_ema": 2.5}  # a row state no new request has
+    proposer.states._states[RequestStates.fingerprint(np.array(a, dtype=np.int32))].policy = dict(marked)
+    proposer.acceptance.plain_rounds = 1  # as the cost policy leaves it after choosing plain decoding
+    held = CostAwareDraftLength.recheck_every - 1
+    c = [50, 51, 52, 53]
+    for step in range(held):  # b finishes after two steps, c arrives, and the rows swap
+        a = a + [60 + step]
+        if step < 2:
+            b = b + [70 + step]
+            contexts, sampled = [a, b], [[a[-1]], [b[-1]]]
+        else:
+            c = c + [80 + step]
+            contexts, sampled = [c, a], [[c[-1]], [a[-1]]]
+        lengths, tokens = _batch(contexts)
+        assert proposer.propose(sampled, lengths, tokens) == [[], []]
+        assert len(proposer.states) == 2  # untouched: the states of a and b as the hold began
+    assert proposer._held == held
+    proposer.guard.allow = allow
+    a, c = a + [99], c + [98]
+    lengths, tokens = _batch([a, c])
+    drafts = proposer.propose([[99], [98]], lengths, tokens)  # a full step: the policy decides again
+    assert proposer._held is None and any(drafts)
+    state = {name: proposer.states._states[RequestStates.fingerprint(np.array(ctx, dtype=np.int32))]
+             for name, ctx in (("a", a), ("c", c))}
+    assert state["a"].policy == pytest.approx(marked)  # found seven tokens back
+    assert state["c"].policy != pytest.approx(marked)
 
 
 def test_drafter_caches_stay_under_their_budget():

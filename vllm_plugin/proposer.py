@@ -54,7 +54,7 @@ from diffuspec.drafters import RowCache, load_drafter
 from diffuspec.cost import CostModel, StepCost
 from diffuspec.guard import ThroughputGuard
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
-from diffuspec.scheduler import AcceptanceModel
+from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength
 from diffuspec.propose import PathProposer, pad_contexts
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
@@ -295,6 +295,9 @@ class DiffuSpecProposer:
         self.guard = ThroughputGuard()
         self._last_start: float | None = None  # when the last step's proposal began
         self._last_profiled = 0.0              # the cost model's profiling seconds then
+        # Steps held plain since the last full step, which drafted nothing (None: it drafted);
+        # request states are keyed by the context of that step (see _held_step).
+        self._held: int | None = None
         self._pool = None   # the thread proposals run on, with drafter_timeout_s
         self._late = None   # a proposal abandoned at its timeout, maybe still running
 
@@ -343,13 +346,16 @@ class DiffuSpecProposer:
         drafts: list[list[int]] = [[] for _ in range(n_rows)]
         rows = [i for i, sampled in enumerate(sampled_token_ids) if sampled]  # [] rows: prefill chunk, discarded
         if not rows or not s.config.speculate:
-            self._last_step = self._last_start = None
+            self._last_step = self._last_start = self._held = None
             self.guard.discard()
             return drafts
+        if self._held is not None and CostAwareDraftLength.skip_round(self.acceptance):
+            return self._held_step(drafts, rows, t0)
         lengths = num_tokens_no_spec[rows].astype(np.int64)                    # [R]
         emitted = np.array([len(sampled_token_ids[i]) for i in rows])           # [R]
-        prev = [self.states.pop(RequestStates.fingerprint(token_ids_cpu[i, : n - e]))
-                for i, n, e in zip(rows, lengths.tolist(), emitted.tolist())]
+        back = emitted + (self._held or 0)  # tokens each row gained since its state was stored
+        prev = [self.states.pop(RequestStates.fingerprint(token_ids_cpu[i, : n - b]))
+                for i, n, b in zip(rows, lengths.tolist(), back.tolist())]
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
         clean = len(rows) == n_rows and all(p is not None for p in prev)
         self._observe_step(t0, clean)
@@ -389,8 +395,24 @@ class DiffuSpecProposer:
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
                                               gen_len=int(new_gen_len[j]), drafter_kv=kv[j][0], ngrams=kv[j][1]))
+        self._held = 0 if int(k.max()) == 0 else None  # nothing drafted: the next steps may be held
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
+        return drafts
+
+    def _held_step(self, drafts: list[list[int]], rows: list[int], t0: float) -> list[list[int]]:
+        """A step of plain decoding decided in advance: the last step drafted nothing and the
+        policy does not decide again yet (:meth:`CostAwareDraftLength.skip_round`). Nothing is
+        looked up or stored, so such a step costs what a plain one does; each row gains one
+        token, and the next full step finds a request's state by its context that many tokens
+        back (a request that came or moved meanwhile is not found: it starts afresh). Nor is
+        the step timed: the guard and the step-cost model learn from full steps."""
+        self._held += 1
+        self.guard.discard()
+        self.guard.started(len(rows), drafted=False)
+        self._last_start = t0
+        self._count(drafts, rows, time.perf_counter() - t0)
+        self._last_step = (len(rows), time.perf_counter())
         return drafts
 
     def _uncached(self, prev: list[RequestState | None], lengths: np.ndarray) -> np.ndarray:  # [R] int64
