@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .propose import COLD_SPAN
+
 ROW_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 WIDTH_GRID = (1, 2, 3, 5, 9, 17, 33)   # tokens per row in a verify pass (k + 1)
 K_GRID = (1, 2, 4, 8, 16, 32)          # draft lengths of a proposal
@@ -71,6 +73,9 @@ class CostTable:
     verify: dict[int, dict[int, float]] = field(default_factory=dict)   # rows → width → s
     propose: dict[int, dict[int, float]] = field(default_factory=dict)  # rows → k → s
     machine: dict = field(default_factory=dict)
+    # seconds per context token a proposal encodes beyond its prefix cache (a request's first
+    # draft encodes its prompt); None: not measured (a drafter without a prefix cache)
+    encode: float | None = None
 
     def verify_time(self, rows: int, width: int) -> float:
         return _interp2(self.verify, rows, width)
@@ -81,7 +86,8 @@ class CostTable:
     def to_json(self) -> dict:
         return {"key": self.key, "context": self.context, "machine": self.machine,
                 "verify": {str(r): {str(w): t for w, t in c.items()} for r, c in self.verify.items()},
-                "propose": {str(r): {str(k): t for k, t in c.items()} for r, c in self.propose.items()}}
+                "propose": {str(r): {str(k): t for k, t in c.items()} for r, c in self.propose.items()},
+                "encode": self.encode}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostTable":
@@ -89,7 +95,8 @@ class CostTable:
             return {int(r): {int(c): float(t) for c, t in cols.items()} for r, cols in d.items()}
         return cls(key=data.get("key", ""), context=int(data.get("context", PROFILE_CONTEXT)),
                    verify=table(data["verify"]), propose=table(data.get("propose", {})),
-                   machine=data.get("machine", {}))
+                   machine=data.get("machine", {}),
+                   encode=None if data.get("encode") is None else float(data["encode"]))
 
     @classmethod
     def load(cls, path: str | Path) -> "CostTable":
@@ -164,6 +171,20 @@ def measure_propose(proposer, rows: int, ks=K_GRID, context: int = PROFILE_CONTE
     return _monotone({k: _median_time(lambda: once(k), repeats) for k in ks})
 
 
+@torch.inference_mode()
+def measure_encode(proposer, context: int = PROFILE_CONTEXT, repeats: int = 3, vocab: int | None = None) -> float:
+    """Seconds per context token of a one-row proposal whose prefix cache is cold (it
+    encodes ``context`` tokens), beyond the same proposal with the cache warm."""
+    param = next(proposer.drafter.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, vocab or proposer.emit_vocab, (1, context), generator=gen).to(device)
+    length, k = torch.tensor([context]), torch.tensor([1])
+    cold = _median_time(lambda: proposer.propose(tokens, length, k, proposer.new_state(1, context + 2)), repeats)
+    warm = measure_propose(proposer, 1, ks=(1,), context=context, repeats=repeats, vocab=vocab)[1]
+    return max(cold - warm, 0.0) / context
+
+
 def _monotone(times: dict[int, float]) -> dict[int, float]:
     """More tokens never cost less: a noisy short measurement is capped by the longer ones."""
     out, cap = {}, float("inf")
@@ -221,13 +242,16 @@ class CostModel:
             return
         missing_v = [r for r in _grid_rows(rows) if self.target is not None and r not in self.table.verify]
         missing_p = [r for r in _grid_rows(rows) if self.proposer is not None and r not in self.table.propose]
-        if not (missing_v or missing_p):
+        missing_e = self.table.encode is None and getattr(self.proposer, "caches_prefixes", False)
+        if not (missing_v or missing_p or missing_e):
             return
         t0 = time.perf_counter()
         for r in missing_v:
             self.table.verify[r] = measure_verify(self.target, r)
         for r in missing_p:
             self.table.propose[r] = measure_propose(self.proposer, r)
+        if missing_e:
+            self.table.encode = measure_encode(self.proposer)
         self.revision += 1
         self._curves.clear()
         self._predicted.clear()
@@ -361,7 +385,9 @@ class StepCost:
             table = self.proposals.table if self.proposals is not None else None
             if table is None or not table.propose:
                 return 0.0
-            self._encode = table.propose_time(1, K_GRID[-1]) / K_GRID[-1]
+            if table.encode is None:  # not measured yet: a drafted token's cost, which is more
+                return table.propose_time(1, K_GRID[-1]) / K_GRID[-1]
+            self._encode = table.encode
         return self._encode
 
     @property
@@ -418,7 +444,7 @@ class StepCost:
         if self.proposals is None:
             return
         warm = self.propose_time(rows, k)
-        if uncached >= 64 * rows:  # mostly encoding: learn its cost per token
+        if uncached > COLD_SPAN:  # rows that encode their prompt (in a pass of their own): learn its cost per token
             sample = max(measured - warm, 0.0) / uncached
             self._encode = self.encode_s_per_token + rate * (sample - self.encode_s_per_token)
         elif uncached <= 8 * rows:  # mostly drafting, the prefixes cached: correct the profile

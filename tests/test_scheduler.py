@@ -118,6 +118,33 @@ def test_step_cost_learns_what_encoding_a_prompt_costs(tmp_path):
         costs.observe_proposal(8, 32, 2400, costs.propose_time(8, 32) + 2400 * 1e-4)
     assert costs.encode_s_per_token == pytest.approx(1e-4, rel=0.02)
     assert costs.start_costs(np.array([0, 500])).tolist() == pytest.approx([0.0, 0.05], rel=0.02)
+    for _ in range(40):  # one cold row among seven warm ones teaches the same
+        costs.observe_proposal(8, 32, 300, costs.propose_time(8, 32) + 300 * 2e-4)
+    assert costs.encode_s_per_token == pytest.approx(2e-4, rel=0.02)
+    CostTable("q", verify={1: {1: 1.0}}, propose={1: {1: 0.002, 32: 0.032}}, encode=5e-5).save(tmp_path / "q.json")
+    assert StepCost(CostModel(None, None, tmp_path / "q.json")).encode_s_per_token == 5e-5  # a measured prior
+
+
+def test_encode_cost_is_profiled_with_the_proposals(tmp_path, monkeypatch):
+    """A drafter with a prefix cache: profiling measures what encoding an uncached context
+    costs per token, once, and the table on disk keeps it."""
+    from diffuspec import cost
+    from diffuspec.drafters import load_drafter
+    from diffuspec.propose import PathProposer
+    from diffuspec.recipe.tiny import build_random_pair
+
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path / "cache"))
+    _, drafter_dir = build_random_pair(tmp_path / "pair", drafter_overrides={"prefix_causal": True})
+    proposer = PathProposer(load_drafter(drafter_dir), DiffuSpecConfig(), None, 512)
+    assert proposer.caches_prefixes
+    model = CostModel(None, proposer)
+    model.ensure(1)
+    assert model.table.encode is not None and 0 < model.table.encode < model.table.propose_time(1, 1)
+    monkeypatch.setattr(cost, "measure_encode", lambda *a, **kw: pytest.fail("measured again"))
+    again = CostModel(None, proposer)
+    again.ensure(1)
+    assert again.table.encode == model.table.encode
+    assert StepCost(again).encode_s_per_token == model.table.encode
 
 
 def test_position_outcomes():

@@ -19,6 +19,7 @@ while the later ones, read at mask positions, are mostly rejected.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -612,6 +613,38 @@ def test_steps_held_plain_keep_each_requests_state(proposer_pair):
              for name, ctx in (("a", a), ("c", c))}
     assert state["a"].policy == pytest.approx(marked)  # found seven tokens back
     assert state["c"].policy != pytest.approx(marked)
+
+
+def test_a_requests_first_draft_runs_in_a_pass_of_its_own(pair):
+    """A request whose drafter cache is cold (its first draft encodes its prompt) is
+    proposed apart from requests that feed only their newest tokens, so it does not make
+    their pass as wide as its prompt."""
+    from diffuspec.propose import COLD_SPAN
+
+    proposer = DiffuSpecProposer(_fake_vllm_config(*pair, k=4, k_min=1, k_init=4))
+    proposer.load_model(None)
+    path = proposer.path_proposer
+    rng = np.random.default_rng(0)
+    warm = [rng.integers(3, 400, 40).astype(np.int32) for _ in range(3)]
+    k = torch.full((3,), 4, dtype=torch.int64)
+    _, carry = path.propose_contexts(warm, k, [(None, None)] * 3)
+    warm = [np.concatenate([c, [7, 8]]).astype(np.int32) for c in warm]   # two new tokens each
+    cold = rng.integers(3, 400, 3 * COLD_SPAN).astype(np.int32)           # a new request's prompt
+    contexts, carry = warm[:2] + [cold] + warm[2:], carry[:2] + [(None, None)] + carry[2:]
+    widths = []
+    draft = path.drafter.draft
+    path.drafter.draft = lambda tokens, lengths, *a, **kw: widths.append(
+        (len(lengths), int((lengths - (kw.get("state") or a[2]).cached).max()))) or draft(tokens, lengths, *a, **kw)
+    prop, after = path.propose_contexts(contexts, torch.full((4,), 4, dtype=torch.int64), copy.deepcopy(carry))
+    assert sorted(widths) == [(1, len(cold)), (3, 2)]  # the warm rows' pass feeds two tokens a row
+    assert [a[0].length for a in after] == [len(c) for c in contexts]
+    path.drafter.draft = draft
+    for group in ([0, 1, 3], [2]):  # the same passes, made by hand: the rows come back in their places
+        alone, _ = path.propose_contexts([contexts[j] for j in group], torch.full((len(group),), 4),
+                                         copy.deepcopy([carry[j] for j in group]))
+        for i, j in enumerate(group):
+            n = int(alone.path_len[i])
+            assert int(prop.path_len[j]) == n and prop.path[j, :n].tolist() == alone.path[i, :n].tolist()
 
 
 def test_drafter_caches_stay_under_their_budget():
