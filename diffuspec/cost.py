@@ -432,10 +432,17 @@ class StepCost:
                    for dk in zip(np.atleast_1d(drafting).tolist(), np.atleast_1d(kmax).tolist())]
         return step + np.array(propose).reshape(step.shape)
 
+    # Steps a request's first draft is charged over: encoding its context once buys its drafts
+    # in the steps after it, so charging it all to one step kept new requests from ever
+    # starting (a vLLM server at 4 concurrent HumanEval requests: two rows drafted, the two
+    # that arrived later never did).
+    start_horizon = 8
+
     def start_costs(self, uncached: np.ndarray) -> np.ndarray:  # [R] tokens → [R] seconds
         """What each row's draft adds to a proposal for the ``uncached`` context tokens the
-        drafter must encode first (see :class:`~diffuspec.policy.RoundView`)."""
-        return np.asarray(uncached, dtype=np.float64) * self.encode_s_per_token
+        drafter must encode first (see :class:`~diffuspec.policy.RoundView`), per step of
+        ``start_horizon``: the cost is paid once, and the cache serves the steps after it."""
+        return np.asarray(uncached, dtype=np.float64) * self.encode_s_per_token / self.start_horizon
 
     def observe_proposal(self, rows: int, k: int, uncached: int, measured: float, rate: float = 0.2) -> None:
         """A proposal over ``rows`` rows drafting ``k`` tokens, ``uncached`` context tokens

@@ -117,7 +117,7 @@ def test_step_cost_learns_what_encoding_a_prompt_costs(tmp_path):
     for _ in range(40):  # 8 rows, 300 prompt tokens each, 0.1 ms per token beyond the profile
         costs.observe_proposal(8, 32, 2400, costs.propose_time(8, 32) + 2400 * 1e-4)
     assert costs.encode_s_per_token == pytest.approx(1e-4, rel=0.02)
-    assert costs.start_costs(np.array([0, 500])).tolist() == pytest.approx([0.0, 0.05], rel=0.02)
+    assert costs.start_costs(np.array([0, 500])).tolist() == pytest.approx([0.0, 0.05 / costs.start_horizon], rel=0.02)
     for _ in range(40):  # one cold row among seven warm ones teaches the same
         costs.observe_proposal(8, 32, 300, costs.propose_time(8, 32) + 300 * 2e-4)
     assert costs.encode_s_per_token == pytest.approx(2e-4, rel=0.02)
