@@ -269,7 +269,9 @@ class SpeculativeEngine:
     def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
         """Each row's k: the policy's choice, at most the tokens the row may still emit − 1;
         none where the throughput guard measured drafting slower than plain rounds."""
-        if batch.policy is None:
+        if batch.policy is None or batch.policy.holds_plain():
+            # Plain decoding, held by the policy between its decisions: as cheap as a round
+            # without a drafter (not a guard sample; the guard has plain's rate already).
             return torch.zeros(batch.rows, dtype=torch.int64)
         guard = batch.guard
         if guard is not None and not guard.allow(batch.rows):

@@ -111,6 +111,11 @@ class DraftLengthPolicy(ABC):
         k = torch.where(view.active, torch.minimum(k, view.room).clamp(min=0), torch.zeros_like(k))
         return cap_for_batch(k, int(view.active.sum()), self.budget)
 
+    def holds_plain(self) -> bool:
+        """Whether this round decodes plainly without the policy deciding again (it counts the
+        round as such): the caller may then skip the round's bookkeeping, views and timing."""
+        return False
+
     def observe(self, outcome: RoundOutcome) -> None:
         """Learn from a round (rows with k == 0 drafted nothing and stay as they were)."""
 

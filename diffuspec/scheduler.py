@@ -191,6 +191,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
             return True
         return False
 
+    def holds_plain(self) -> bool:
+        return self.skip_round(self.acceptance)
+
     def choose(self, view: RoundView) -> torch.Tensor:  # [B] int64
         pooled = self.acceptance
         if self.skip_round(pooled):

@@ -285,6 +285,35 @@ def test_cost_policy_in_the_engine_is_exact(tiny_target, tiny_pair, tmp_path, mo
     assert profiled.costs.profile_seconds > 0  # the time it took, which rounds leave out of their own
 
 
+def test_rounds_the_policy_holds_plain_skip_its_bookkeeping(tiny_target, tiny_pair, tmp_path, monkeypatch):
+    """Where drafting cannot pay (every verified token costs a whole step), the policy
+    decides plain decoding and re-decides only every ``recheck_every`` rounds; the rounds in
+    between cost what a round without a drafter does: no policy call, no guard sample. The
+    output is the target's own."""
+    from diffuspec.drafters import load_drafter
+    from diffuspec.guard import ThroughputGuard
+    from diffuspec.scheduler import CostAwareDraftLength
+
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path))
+    model, tok = tiny_target
+    busy = CostTable("busy", verify={r: {w: float(r * w) for w in (1, 33)} for r in (1, 64)},
+                     propose={r: {k: 0.01 for k in (1, 32)} for r in (1, 64)})
+    busy.save(tmp_path / "busy.json")
+    cfg = DiffuSpecConfig.from_kwargs(adl="cost", cost_table=str(tmp_path / "busy.json"))
+    engine = SpeculativeEngine(model, load_drafter(tiny_pair[1]), cfg, None, emit_vocab=model.config.vocab_size)
+    calls = {"choose": 0, "allow": 0}
+    for cls, name in ((CostAwareDraftLength, "choose"), (ThroughputGuard, "allow")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _f=original, _n=name: (
+            calls.__setitem__(_n, calls[_n] + 1), _f(self, *a))[-1])
+    prompt = tok("def f(x):")["input_ids"]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=40))[0]
+    assert out.token_ids == hf_greedy(model, prompt, 40, None)
+    assert out.stats.rounds == 40 and set(out.stats.draft_lengths) == {0}
+    assert 3 <= calls["choose"] <= 40 // CostAwareDraftLength.recheck_every + 3  # not once a round
+    assert calls["allow"] == calls["choose"]
+
+
 def test_profiling_inside_a_round_is_not_the_rounds_time(tiny_target, tiny_pair, tmp_path, monkeypatch):
     """The cost model profiles a batch size the first time it meets it, inside a round. The
     throughput guard times rounds without it: a round that profiled says nothing about
