@@ -19,7 +19,12 @@ drafting mode is probed as often as that costs at most ``probe_cost`` of the tim
 drafting step forgoes ``seconds * (1 - its rate / plain's)`` of plain's tokens. A near tie
 (drafting at 0.9× plain after a request the drafter handled badly) is re-measured within a
 few steps, so the next request, which may draft well, is not decoded plainly on the word of
-the last one; a clear loss (sampling at T = 0.7) is probed rarely. (A probe also pays for
+the last one; a clear loss (sampling at T = 0.7) is probed rarely. A probe of drafting weighs
+``probe_weight`` (half) in its mode's average, where a step of the running mode weighs
+``smoothing``: probes are rare, and the text they re-measure has moved on since the last
+(this small target's outputs often turn repetitive halfway, and drafts that lost at the
+start of a request then pay; Spec-Bench at batch 1 measured 0.97x of prompt lookup with
+probes weighing 0.1, 1.06x with 0.5, and drafting every round 1.07x). (A probe also pays for
 the drafter's cache catching up on what the plain steps wrote: leaving that step out and
 measuring the next one instead was tried, and cost 10% on MT-Bench, where probes then came
 half as often.)
@@ -64,6 +69,7 @@ class ThroughputGuard:
     probe_every: int = 64     # re-measure the losing mode at least after this many of the winner's steps (see allow)
     probe_cost: float = 0.02  # ...and as often as that costs at most this fraction of the time
     smoothing: float = 0.1    # EMA weight of a new step
+    probe_weight: float = 0.5  # ...and of a drafting step while drafting loses (a probe)
     rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
     forced_plain: int = 0     # steps the guard kept from drafting
@@ -137,11 +143,20 @@ class ThroughputGuard:
         if key is None or seconds <= 0:
             return
         c, drafted = key
-        self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.smoothing)
+        spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
+        # a probe of losing drafting weighs more than a step of the running mode: probes are
+        # rare, and what they re-measure (drafting on the text being written now) changes
+        # between them (plain decoding's rate does not: its probes weigh as any step)
+        probe = drafted and spec is not None and plain is not None and self._losing(spec, plain)
+        self.rates.setdefault(key, _Rate()).add(tokens, seconds, self.probe_weight if probe else self.smoothing)
         spec, plain = self.rates.get((c, True)), self.rates.get((c, False))
         if spec is not None and plain is not None:
-            losing = spec.tokens_per_s < (1.0 - self.margin) * plain.tokens_per_s
+            losing = self._losing(spec, plain)
             self._since[c] = 0.0 if drafted == losing else self._since.get(c, 0.0) + seconds
+
+    def _losing(self, spec: _Rate, plain: _Rate) -> bool:
+        """Whether drafting measures slower than plain decoding (beyond the margin)."""
+        return spec.tokens_per_s < (1.0 - self.margin) * plain.tokens_per_s
 
     def discard(self) -> None:
         """The last step cannot be compared (a prefill ran in it, or requests came or went)."""

@@ -21,7 +21,8 @@ takes ``K* = argmax_K Σ_b E(min(K, c_b)) / T(R, K)``, and ``K* = 0`` (plain dec
 row) whenever drafting cannot pay, e.g. a busy batch on a compute-bound CPU or sampling at a
 temperature where drafts are rarely accepted. After ``explore_every`` rounds of plain
 decoding it drafts ``explore_k`` tokens once (waiting twice as long after each exploratory
-draft that fails), so estimates made under one regime can recover when the text changes:
+draft that leaves the choice at plain decoding: at T = 0.7 a draft of 2 often keeps a token,
+yet drafting still does not pay), so estimates made under one regime can recover when the text changes:
 every row of a padded round, one row of a packed vLLM step (acceptance is pooled, and a busy
 step drafting for every row costs several plain steps), and never where drafting could not
 pay even if every drafted token were accepted (then the costs, which are measured, decide).
@@ -159,7 +160,7 @@ class CostAwareDraftLength(DraftLengthPolicy):
     Its arithmetic runs on numpy: a few dozen numbers a round, where per-call overhead is
     what costs."""
 
-    explore_every = 16   # rounds of plain decoding before one exploratory draft (doubling while they fail)
+    explore_every = 16   # rounds of plain decoding before one exploratory draft (doubling while drafting still does not pay)
     explore_k = 2
     recheck_every = 8    # while decoding plainly, re-decide only every few rounds (nothing new is learnt)
     paper_below = 0      # adl="auto": greedy rounds of fewer rows take the paper's ADL under paper_budget
@@ -214,6 +215,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
         start = None if view.start_cost is None else view.start_cost.numpy()
         k = self._best(pooled.rates(), room, active, rows, start)
         if int(k.max()) == 0:
+            if pooled.exploring:  # what the exploratory draft taught did not make drafting pay
+                pooled.explore_after = min(pooled.explore_after * 2, 1024)
+                pooled.exploring = False
             pooled.plain_rounds += 1
             # An exploratory draft, when the rates may be stale; not when drafting could not pay
             # even if every token were accepted (a busy batch: the costs decide, and they are measured).
@@ -227,6 +231,8 @@ class CostAwareDraftLength(DraftLengthPolicy):
                         k[np.arange(self.rows) != int(np.argmax(room > 0))] = 0
         else:
             pooled.plain_rounds = 0
+            pooled.exploring = False
+            pooled.explore_after = self.explore_every
         return torch.from_numpy(k.astype(np.int64))
 
     def _best(self, rates: np.ndarray, room: np.ndarray, active: np.ndarray, rows: int,
@@ -256,10 +262,6 @@ class CostAwareDraftLength(DraftLengthPolicy):
         if not bool(drafted.any()):
             return
         pooled = self.acceptance
-        if pooled.exploring:  # an exploratory draft that fails waits twice as long next time
-            failed = int(outcome.accepted.sum()) == 0
-            pooled.explore_after = min(pooled.explore_after * 2, 1024) if failed else self.explore_every
-            pooled.exploring = False
         mask = drafted.numpy()[:, None]
         reached, accepted = position_outcomes(outcome.drafted.numpy(), outcome.accepted.numpy(), self.width)
         pooled.observe(reached * mask, accepted * mask)

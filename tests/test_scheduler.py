@@ -177,14 +177,15 @@ def test_policy_learns_to_stop_and_to_go():
     assert cheap.next_k(room).tolist() == [3, 0]         # each row's room; inactive rows draft nothing
 
 
-def _plain_rounds(policy, rounds: int) -> list[int]:
-    """The k a one-row policy chooses over ``rounds`` rounds in which nothing is accepted."""
+def _plain_rounds(policy, rounds: int, accepted: int = 0) -> list[int]:
+    """The k a one-row policy chooses over ``rounds`` rounds in which at most ``accepted``
+    tokens of a draft are accepted."""
     view = RoundView(torch.ones(1, dtype=torch.bool), torch.tensor([8]))
     chosen = []
     for _ in range(rounds):
         k = policy.next_k(view)
         chosen.append(int(k[0]))
-        policy.observe(RoundOutcome(k=k, generated=k, drafted=k, accepted=torch.zeros(1, dtype=torch.int64)))
+        policy.observe(RoundOutcome(k=k, generated=k, drafted=k, accepted=k.clamp(max=accepted)))
     return chosen
 
 
@@ -196,6 +197,18 @@ def test_policy_explores_after_plain_rounds_and_backs_off():
     explore = [i for i, k in enumerate(chosen) if k]
     assert chosen[0] == 0 and len(explore) == 1 and explore[0] == 16  # after 16 plain rounds, one exploratory draft
     assert chosen[explore[0]] == policy.explore_k and policy.acceptance.explore_after == 32  # it failed: wait longer
+
+
+def test_exploring_that_keeps_a_token_but_does_not_pay_still_backs_off():
+    """At T = 0.7 an exploratory draft of 2 often keeps one token, yet drafting still does
+    not pay: the wait before the next one doubles all the same (it used to start over at 16
+    rounds, and exploring cost ~2% at T = 0.7)."""
+    policy = _policy(TableCosts(lambda rows, w: rows * (1.0 + 0.5 * (w - 1))), rows=1)
+    _learn(policy, [0])
+    chosen = _plain_rounds(policy, 120, accepted=1)
+    explore = [i for i, k in enumerate(chosen) if k]
+    assert explore[:3] == [16, 16 + 1 + 32, 16 + 1 + 32 + 1 + 64]
+    assert policy.acceptance.explore_after == 128
 
 
 def test_policy_does_not_explore_where_no_acceptance_could_pay():
@@ -465,3 +478,25 @@ def test_throughput_guard_ignores_steps_it_cannot_compare():
     guard.discard()
     guard.finished(100, 1.0)
     assert guard.rates == {}
+
+
+def test_throughput_guard_follows_a_probe_that_finds_drafting_paying_now():
+    """Drafting lost on the text so far (50 tokens/s against plain's 100); the text turns
+    repetitive and the next probe measures 500 tokens/s. A probe weighs half (probes are
+    rare): one such probe lets drafting run again. At the running steps' weight (0.1) it
+    would have taken several probes, each after ~25 plain steps (Spec-Bench: prompts whose
+    drafts pay from their middle on were decoded plainly to the end)."""
+    from diffuspec.guard import ThroughputGuard
+
+    guard = ThroughputGuard(min_samples=8, probe_every=64, probe_cost=0.02)
+    allowed = _run_guard(guard, 1, spec_rate=50, plain_rate=100, steps=300)
+    assert not any(allowed[100:]) or sum(allowed[100:]) <= 10  # drafting loses: probes only
+    steps = 0
+    while not guard.allow(1):  # plain steps until the next probe
+        guard.started(1, drafted=False)
+        guard.finished(100, 1.0)
+        steps += 1
+    assert steps <= 30
+    guard.started(1, drafted=True)
+    guard.finished(500, 1.0)   # the probe: drafting pays now
+    assert guard.allow(1)      # and drafting runs at once
