@@ -23,8 +23,7 @@ the last one; a clear loss (sampling at T = 0.7) is probed rarely. A probe of dr
 ``probe_weight`` (half) in its mode's average, where a step of the running mode weighs
 ``smoothing``: probes are rare, and the text they re-measure has moved on since the last
 (this small target's outputs often turn repetitive halfway, and drafts that lost at the
-start of a request then pay; Spec-Bench at batch 1 measured 0.97x of prompt lookup with
-probes weighing 0.1, 1.06x with 0.5, and drafting every round 1.07x). (A probe also pays for
+start of a request then pay; measured on Spec-Bench at batch 1, docs/architecture.md §6). (A probe also pays for
 the drafter's cache catching up on what the plain steps wrote: leaving that step out and
 measuring the next one instead was tried, and cost 10% on MT-Bench, where probes then came
 half as often.)
