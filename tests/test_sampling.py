@@ -114,7 +114,9 @@ def test_speculative_sampling_matches_target(small_vocab_pair, temperature, top_
                                     minlength=V * V)
     assert _chi_square_p(shifted_counts, exact) < 1e-3
 
-    cfg = DiffuSpecConfig.from_kwargs(k_init=4, k_min=2, k_max=4, verify_budget=None)  # N rows: draft anyway
+    # N rows, drafting anyway: the fixed policy (the default would ask the measured costs,
+    # which at 30,000 rows may say no draft pays, and then nothing would be tested)
+    cfg = DiffuSpecConfig.from_kwargs(adl="fixed", k_init=4, k_min=2, k_max=4, verify_budget=None)
     engine = SpeculativeEngine(target, drafter, cfg, eos_token_id=None, emit_vocab=V)
     outs = engine.generate([PROMPT] * N, SamplingParams(max_new_tokens=3, temperature=temperature, top_p=top_p, seed=1))
     firsts = torch.tensor([o.token_ids[0] * V + o.token_ids[1] for o in outs])
