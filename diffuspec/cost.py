@@ -148,17 +148,21 @@ def measure_verify(target, rows: int, widths=WIDTH_GRID, context: int = PROFILE_
     return _monotone({w: _median_time(lambda: runner.forward(x[:, :w], start), repeats) for w in widths})
 
 
+def _random_contexts(proposer, rows: int, width: int, seed: int, vocab: int | None) -> torch.Tensor:
+    """[rows, width] random token ids (seeded) on the proposer's drafter device: what profiling feeds it."""
+    param = next(proposer.drafter.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab or proposer.emit_vocab, (rows, width), generator=gen).to(device)
+
+
 @torch.inference_mode()
 def measure_propose(proposer, rows: int, ks=K_GRID, context: int = PROFILE_CONTEXT, repeats: int = 3,
                     vocab: int | None = None) -> dict[int, float]:
     """Seconds per proposal of ``rows`` rows × ``k`` drafted tokens, the prefix cache warm
     (each call advances every row by a few tokens, as rounds do)."""
-    param = next(proposer.drafter.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    vocab = vocab or proposer.emit_vocab
-    gen = torch.Generator().manual_seed(1)
     step, calls = 4, (repeats + 2) * len(ks) + 1  # each call advances the rows by `step` tokens
-    tokens = torch.randint(0, vocab, (rows, context + step * calls + 1), generator=gen).to(device)
+    tokens = _random_contexts(proposer, rows, context + step * calls + 1, seed=1, vocab=vocab)
     state = proposer.new_state(rows, tokens.shape[1] + max(ks) + 1)
     length = [context]
 
@@ -175,10 +179,7 @@ def measure_propose(proposer, rows: int, ks=K_GRID, context: int = PROFILE_CONTE
 def measure_encode(proposer, context: int = PROFILE_CONTEXT, repeats: int = 3, vocab: int | None = None) -> float:
     """Seconds per context token of a one-row proposal whose prefix cache is cold (it
     encodes ``context`` tokens), beyond the same proposal with the cache warm."""
-    param = next(proposer.drafter.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    gen = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, vocab or proposer.emit_vocab, (1, context), generator=gen).to(device)
+    tokens = _random_contexts(proposer, 1, context, seed=2, vocab=vocab)
     length, k = torch.tensor([context]), torch.tensor([1])
     cold = _median_time(lambda: proposer.propose(tokens, length, k, proposer.new_state(1, context + 2)), repeats)
     warm = measure_propose(proposer, 1, ks=(1,), context=context, repeats=repeats, vocab=vocab)[1]

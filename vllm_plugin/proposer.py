@@ -406,7 +406,8 @@ class DiffuSpecProposer:
         looked up or stored, so such a step costs what a plain one does; each row gains one
         token, and the next full step finds a request's state by its context that many tokens
         back (a request that came or moved meanwhile is not found: it starts afresh). Nor is
-        the step timed: the guard and the step-cost model learn from full steps."""
+        the step timed, except the last before a full step, which that step's guard sample
+        measures as a plain one; the step-cost model learns from full steps only."""
         self._held += 1
         self.guard.discard()
         self.guard.started(len(rows), drafted=False)
