@@ -49,7 +49,10 @@ SCHEMA = {
         "time_split": "{draft, search, verify, other}: fractions of wall time",
     }},
     "throughput": "optional: {method: {batch_size: tokens/s}}: median over repeats, the whole prompt set run in "
-                  "batches of that size, methods taking turns batch by batch",
+                  "batches of that size, methods taking turns batch by batch; with throughput_in_flight, the "
+                  "whole set in one call with at most batch_size rows in flight (continuous batching), methods "
+                  "taking turns repeat by repeat",
+    "throughput_in_flight": "bool: how the throughput sweep ran (see throughput)",
     "throughput_speedup": "{method: {batch_size: tokens/s over ar's}}",
     "throughput_mismatches": "{method@batch: prompt indices whose output differs from ar's}: empty when exact",
 }
@@ -124,11 +127,14 @@ def _engine_method(**config) -> Callable:
         from diffuspec import DiffuSpec
         speculate = config.get("speculate", True)
         ds = DiffuSpec(ctx.target, ctx.ds.drafter, ctx.tokenizer, ctx.ds.config.replace(**config))
+        in_flight: dict[int, DiffuSpec] = {}  # the same method with at most B rows in flight
 
-        def run(batch: list[list[int]], max_new: int) -> list[Run]:
+        def run(batch: list[list[int]], max_new: int, max_batch: int | None = None) -> list[Run]:
+            use = ds if max_batch is None else in_flight.setdefault(
+                max_batch, DiffuSpec(ctx.target, ctx.ds.drafter, ctx.tokenizer, ds.config.replace(max_batch_size=max_batch)))
             t = time.perf_counter()
-            outs = ds.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0,
-                               speculate=speculate)
+            outs = use.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0,
+                                speculate=speculate)
             dt = time.perf_counter() - t
             return [Run(o.token_ids, dt, o.stats) for o in outs]
         return run
@@ -362,29 +368,42 @@ def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> 
     """Tokens/s of each method over the whole prompt set, run in batches of each size.
 
     Methods take turns batch by batch (a slow spell hits them alike); each figure is the
-    median over repeats of (tokens generated) / (seconds). Outputs are compared with ar's at
-    the same batch size (and each batch size's with batch 1's, the engine's batch
-    invariance); a difference is flagged in ``throughput_mismatches``."""
+    median over repeats of (tokens generated) / (seconds). With ``--throughput-in-flight``
+    the whole set goes to one call with at most B rows in flight instead (continuous
+    batching, as a server runs: a finished row's place goes to a waiting prompt; engine
+    methods only). Outputs are compared with ar's at the same batch size (and each batch
+    size's with batch 1's, the engine's batch invariance); a difference is flagged in
+    ``throughput_mismatches``."""
     from tqdm import tqdm
 
     names = [m.strip() for m in (args.throughput_methods or "ar,diffuspec").split(",") if m.strip()]
     names = ["ar"] + [n for n in names if n != "ar"]
     sizes = [int(b) for b in args.throughput_batch_sizes.split(",")]
     runs = {n: runners.get(n) or resolve_method(n)(ctx) for n in names}
+    flight = args.throughput_in_flight
+    if flight:
+        import inspect
+        bad = [n for n in names if "max_batch" not in inspect.signature(runs[n]).parameters]
+        if bad:
+            raise SystemExit(f"--throughput-in-flight runs engine methods only; {bad} cannot bound the rows in "
+                             "flight: leave them out of --throughput-methods")
     rates: dict[str, dict[int, list[float]]] = {n: {bs: [] for bs in sizes} for n in names}
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     for bs in sizes:  # warm-up, excluded: one batch of each size per method (a cost model profiles here)
         for n in names:
-            runs[n](prompts[:bs], min(8, args.max_new_tokens))
+            runs[n](prompts[:bs], min(8, args.max_new_tokens), **({"max_batch": bs} if flight else {}))
     bar = tqdm(total=args.repeats * len(sizes) * len(names) * len(prompts), desc="throughput", dynamic_ncols=True)
     for rep in range(args.repeats):
         for bs in sizes:
             tokens = {n: 0 for n in names}
             seconds = {n: 0.0 for n in names}
-            for i in range(0, len(prompts), bs):
+            for i in range(0, len(prompts), len(prompts) if flight else bs):
                 for n in names:
                     t = time.perf_counter()
-                    outs = runs[n](prompts[i: i + bs], args.max_new_tokens)
+                    if flight:
+                        outs = runs[n](prompts, args.max_new_tokens, max_batch=bs)
+                    else:
+                        outs = runs[n](prompts[i: i + bs], args.max_new_tokens)
                     seconds[n] += time.perf_counter() - t
                     tokens[n] += sum(len(o.token_ids) for o in outs)
                     outputs.setdefault((n, bs), []).extend(o.token_ids for o in outs)
@@ -404,7 +423,8 @@ def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> 
     median = {n: {bs: statistics.median(v) for bs, v in per.items()} for n, per in rates.items()}
     return {"throughput": median,
             "throughput_speedup": {n: {bs: median[n][bs] / median["ar"][bs] for bs in sizes} for n in names},
-            "throughput_repeats": rates, "throughput_prompts": len(prompts), "throughput_mismatches": mismatches}
+            "throughput_repeats": rates, "throughput_prompts": len(prompts), "throughput_mismatches": mismatches,
+            "throughput_in_flight": bool(flight)}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -425,7 +445,9 @@ def render_markdown(res: dict) -> str:
                      f"({r['speedup_min']:.2f}..{r['speedup_max']:.2f}) | {tau} | {eta} | {bound} | {exact} |")
     if res.get("throughput"):
         sizes = list(next(iter(res["throughput"].values())))
-        lines += ["", f"Throughput over {res.get('throughput_prompts', '?')} prompts run in batches of each size "
+        how = ("with at most that many rows in flight (continuous batching)" if res.get("throughput_in_flight")
+               else "run in batches of each size")
+        lines += ["", f"Throughput over {res.get('throughput_prompts', '?')} prompts {how} "
                       "(tokens/s, speedup vs ar in parentheses):", "",
                   "| method | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
         speedup = res.get("throughput_speedup", {})
@@ -513,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-batch-sizes", default="", help="e.g. 1,4,8,16,32: throughput over the prompt set "
                                                                   "run in batches of each size")
     ap.add_argument("--throughput-methods", default="", help="methods of the throughput sweep (default ar,diffuspec)")
+    ap.add_argument("--throughput-in-flight", action="store_true",
+                    help="throughput sweep with continuous batching: the whole prompt set in one call, at most "
+                         "batch-size rows in flight (engine methods only)")
     ap.add_argument("--target")
     ap.add_argument("--drafter")
     ap.add_argument("--ar-drafter")

@@ -33,13 +33,14 @@ from .config import DiffuSpecConfig, SamplingParams
 from .detokenize import Decode, StopFinder
 from .drafters.base import DiffusionDrafter
 from .guard import ThroughputGuard
+from .kvcache import RaggedKVCache
 from .cost import CostModel
 from .policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from .propose import PathProposer, Proposal
 from .proxy import NGramModel
 from .scheduler import AcceptanceModel
 from .stats import GenerationStats
-from .target import TargetRunner
+from .target import PASS_TOKENS, TargetRunner, prefill_passes
 
 logger = logging.getLogger(__name__)
 from .verify import accept_greedy, accept_sampling, accept_tree, position_uniforms
@@ -193,13 +194,17 @@ class SpeculativeEngine:
     def _admit(self, batch: Batch, prompts: list[list[int]], outputs: list[RequestOutput]) -> None:
         """Move waiting prompts into free rows and put all but their last token in the
         target's cache. When the batch starts with prompts of one length (a single prompt
-        included), that prefill rides in the first round's verify pass instead."""
+        included), that prefill rides in the first round's verify pass instead. New rows
+        take their places in order of length, and are prefilled in passes of similar
+        lengths (:func:`~diffuspec.target.prefill_passes`): a pass pads each row to its
+        longest, and one pass over a 50-token and a 400-token prompt computes 800 tokens.
+        A row's place in the batch changes nothing in its output."""
         limit = self.config.max_batch_size or len(prompts)
         n = min(limit - batch.rows, len(batch.waiting))
         if n <= 0:
             return
         t0 = time.perf_counter()
-        index, batch.waiting = batch.waiting[:n], batch.waiting[n:]
+        index, batch.waiting = sorted(batch.waiting[:n], key=lambda i: len(prompts[i])), batch.waiting[n:]
         new = [prompts[i] for i in index]
         lengths_cpu = torch.tensor([len(p) for p in new], dtype=torch.int64)
         tokens = torch.zeros(n, batch.capacity, dtype=torch.int64)
@@ -207,12 +212,19 @@ class SpeculativeEngine:
             tokens[j, : len(p)] = torch.tensor(p, dtype=torch.int64)
         tokens = tokens.to(self.device)
         longest = int(lengths_cpu.max())
-        runner = TargetRunner(self.target, n, batch.capacity)
         if batch.rows == 0 and longest > 1 and bool((lengths_cpu == longest).all()):
             batch.prefill = longest - 1
-        elif longest > 1:  # a prefill pass over all but each new row's last token
-            runner.forward(tokens[:, : longest - 1], torch.zeros(n, dtype=torch.int64), keep=1)
-        batch.runner.cache.extend(runner.cache)
+            batch.runner.cache.extend(TargetRunner(self.target, n, batch.capacity).cache)
+        else:  # prefill passes over all but each new row's last token
+            cache = RaggedKVCache(0, batch.capacity)
+            pass_tokens = PASS_TOKENS.get(self.device.type, PASS_TOKENS["cuda"])
+            for a, b in prefill_passes([len(p) - 1 for p in new], pass_tokens):
+                runner = TargetRunner(self.target, b - a, batch.capacity)
+                width = int(lengths_cpu[b - 1]) - 1
+                if width > 0:
+                    runner.forward(tokens[a:b, :width], torch.zeros(b - a, dtype=torch.int64), keep=1)
+                cache.extend(runner.cache)
+            batch.runner.cache.extend(cache)
         batch.tokens = torch.cat([batch.tokens, tokens])
         batch.lengths = torch.cat([batch.lengths, lengths_cpu.to(self.device)])
         batch.lengths_cpu = torch.cat([batch.lengths_cpu, lengths_cpu])

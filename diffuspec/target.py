@@ -16,6 +16,36 @@ import torch
 from .kvcache import RaggedKVCache
 from .tree import ancestor_mask, with_root
 
+# What one extra target pass costs, in tokens of padding it saves: a prefill of prompts of
+# different lengths pads each to the longest of its pass, so prompts are prefilled in passes
+# of similar lengths (prefill_passes). Measured with the embedded target on the 2-core CPU:
+# a pass's fixed cost is that of ~20-30 tokens; on a GPU padding is nearly free.
+PASS_TOKENS = {"cpu": 32, "cuda": 1024}
+
+
+def prefill_passes(lengths: list[int], pass_tokens: int) -> list[tuple[int, int]]:
+    """Split rows sorted by ascending ``lengths`` (tokens each row prefills) into passes
+    ``[start, end)`` minimising ``Σ (pass_tokens + rows × longest)`` over the passes with
+    any token to prefill (each row padded to its pass's longest). Dynamic programming over
+    the cut points, O(n²).
+
+    Example: lengths [10, 12, 100, 110], pass_tokens 32 → [(0, 2), (2, 4)]: 56 + 252 tokens'
+    worth, where one pass would cost 32 + 440."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[i]: the cheapest split of rows [0, i)
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = lengths[i - 1]
+        for j in range(i):
+            cost = best[j] + (pass_tokens + (i - j) * longest if longest > 0 else 0)
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    passes, i = [], n
+    while i > 0:
+        passes.append((cut[i], i))
+        i = cut[i]
+    return passes[::-1]
+
 
 class TargetRunner:
     """Runs the target over ``[B, n]`` new tokens that start at per-row cache lengths."""

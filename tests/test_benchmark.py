@@ -34,6 +34,26 @@ def test_latency_benchmark_smoke(tiny_pair, tmp_path):
     assert "| diffuspec |" in (out / "results.md").read_text()
 
 
+def test_throughput_sweep_in_flight(tiny_pair, tmp_path):
+    """The throughput sweep with continuous batching: 3 ragged prompts, at most 2 in flight;
+    outputs equal ar's and batch 1's (greedy), the table says how it ran, and a method that
+    cannot bound its rows in flight is refused by name."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
+                                 ["def add(a, b):", "import os\nimport sys\n\n\nclass Path(object):", "x = 1"]) + "\n")
+    out = tmp_path / "out"
+    base = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--dataset", str(prompts), "--methods", "ar",
+            "--limit", "3", "--max-new-tokens", "12", "--target", str(tiny_pair[0]), "--drafter", str(tiny_pair[1]),
+            "--out", str(out), "--throughput-batch-sizes", "1,2", "--throughput-in-flight"]
+    subprocess.run(base, check=True, capture_output=True, text=True)
+    res = json.loads((out / "results.json").read_text())
+    assert res["throughput_in_flight"] is True and res["throughput_mismatches"] == {}
+    assert set(res["throughput"]) == {"ar", "diffuspec"} and set(res["throughput"]["ar"]) == {"1", "2"}
+    assert "at most that many rows in flight" in (out / "results.md").read_text()
+    bad = subprocess.run(base + ["--throughput-methods", "ar,prompt-lookup"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "prompt-lookup" in bad.stderr and "--throughput-methods" in bad.stderr
+
+
 def test_latency_benchmark_vllm_methods(tmp_path):
     """vllm-ar and vllm-diffuspec on the real engine (each in its own process), embedded pair."""
     import pytest

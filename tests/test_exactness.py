@@ -9,6 +9,7 @@ from conftest import OracleDrafter, RandomDrafter, hf_greedy
 from diffuspec import DiffuSpec, DiffuSpecConfig, SamplingParams
 from diffuspec.drafters import BidirectionalTransformer, TransformerDrafter, TransformerSpec, load_drafter
 from diffuspec.engine import SpeculativeEngine
+from diffuspec.kvcache import RaggedKVCache
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Path(object):\n    def __init__(self", "x", "for i in range(10):\n    print("]
 
@@ -206,3 +207,42 @@ def test_continuous_batching_ragged_prompts(tiny_target, speculate):
     assert sum(o.finish_reason == "eos" for o in both) >= 1
     for p, o, n in zip(prompts, outs, new):
         assert o.token_ids == hf_greedy(model, p, n, eos)
+
+
+def test_prefill_passes_group_rows_of_similar_length():
+    """The worked example of prefill_passes, and its edge cases: rows with nothing to
+    prefill cost no pass, one row is one pass, a huge pass cost keeps one pass."""
+    from diffuspec.target import prefill_passes
+
+    assert prefill_passes([10, 12, 100, 110], 32) == [(0, 2), (2, 4)]  # 32 + 24 + 32 + 220 < 32 + 440
+    assert prefill_passes([0, 0, 5], 32) == [(0, 2), (2, 3)]
+    assert prefill_passes([7], 32) == [(0, 1)]
+    assert prefill_passes([], 32) == []
+    assert prefill_passes([10, 12, 100, 110], 10_000) == [(0, 4)]
+
+
+def test_ragged_prompts_prefill_in_passes_of_similar_length(tiny_target):
+    """Admitted together, a long prompt and short ones are prefilled in separate passes (one
+    pass would pad the short ones to the long one), and each prompt's output is still
+    exactly its greedy output alone, in prompt order."""
+    model, tok = tiny_target
+    texts = [PROMPTS[0], PROMPTS[1] * 6, "x", PROMPTS[3], PROMPTS[1] * 5]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    shapes = []
+
+    def record(module, args, kwargs):  # the engine's target passes
+        if isinstance(kwargs.get("past_key_values"), RaggedKVCache):
+            shapes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        engine = _engine(model, RandomDrafter(model.config.vocab_size, tok.mask_token_id), None, adl="fixed")
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    finally:
+        hook.remove()
+    prefills = shapes[: len(shapes) - len(engine.target_batch_sizes)]  # the verify passes come after them
+    assert len(prefills) >= 2
+    assert sum(r * w for r, w in prefills) < len(prompts) * (max(map(len, prompts)) - 1)  # less padding than one pass
+    assert sum(r for r, _ in prefills) == len(prompts) - 1  # each row once; "x" (one token) needs none
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 12, None)
