@@ -130,8 +130,10 @@ def _engine_method(**config) -> Callable:
         in_flight: dict[int, DiffuSpec] = {}  # the same method with at most B rows in flight
 
         def run(batch: list[list[int]], max_new: int, max_batch: int | None = None) -> list[Run]:
-            use = ds if max_batch is None else in_flight.setdefault(
-                max_batch, DiffuSpec(ctx.target, ctx.ds.drafter, ctx.tokenizer, ds.config.replace(max_batch_size=max_batch)))
+            if max_batch is not None and max_batch not in in_flight:
+                in_flight[max_batch] = DiffuSpec(ctx.target, ctx.ds.drafter, ctx.tokenizer,
+                                                 ds.config.replace(max_batch_size=max_batch))
+            use = ds if max_batch is None else in_flight[max_batch]
             t = time.perf_counter()
             outs = use.generate(batch, max_new_tokens=max_new, temperature=ctx.temperature, top_p=ctx.top_p, seed=0,
                                 speculate=speculate)
@@ -232,15 +234,18 @@ METHODS: dict[str, Callable] = {
     "diffuspec-no-cps": _engine_method(cps={"enabled": False}),
     # the lattice build and path search on their references instead of diffuspec_kernels
     "diffuspec-reference": _engine_method(kernels="reference"),
-    # continuations copied from the context join the lattice (retrieval={"enabled": True})
+    # the ablation of trees and retrieval: the drafter's lattice alone (retrieval off), with
+    # copied continuations (retrieval={"enabled": True}, the default), a draft tree around the
+    # path verified in one pass (tree={"enabled": True}, 8 / 16 extra nodes), both
+    "diffuspec-path": _engine_method(retrieval={"enabled": False}),
     "diffuspec-retrieval": _engine_method(retrieval={"enabled": True}),
-    # a draft tree around the path, verified in one pass (tree={"enabled": True}, 8 extra nodes)
-    "diffuspec-tree": _engine_method(tree={"enabled": True}),
-    "diffuspec-tree-16": _engine_method(tree={"enabled": True, "extra_nodes": 16}),
+    "diffuspec-tree": _engine_method(tree={"enabled": True}, retrieval={"enabled": False}),
+    "diffuspec-tree-16": _engine_method(tree={"enabled": True, "extra_nodes": 16}, retrieval={"enabled": False}),
     "diffuspec-tree-retrieval": _engine_method(tree={"enabled": True}, retrieval={"enabled": True}),
     # the same without the throughput guard: what drafting every round gives (ablations)
     "diffuspec-noguard": _engine_method(throughput_guard=False),
-    "diffuspec-tree-noguard": _engine_method(tree={"enabled": True}, throughput_guard=False),
+    "diffuspec-tree-noguard": _engine_method(tree={"enabled": True}, retrieval={"enabled": False},
+                                             throughput_guard=False),
     # the drafter in a Ray actor, without and with pre-drafting (pip install ray)
     "diffuspec-ray": _ray_method("diffuspec-ray", pipelined=False),
     "diffuspec-ray-pipelined": _ray_method("diffuspec-ray-pipelined", pipelined=True),

@@ -48,6 +48,9 @@ CONFIGS = {
     "diffuspec-off-unpatched": DRAFTING_OFF,  # the same without diffuspec_vllm.steps (CONFIG_ENV)
     "diffuspec-paper": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
                         "--additional-config", json.dumps({"diffuspec": {"adl": "paper"}})],
+    # the drafter's lattice alone (context retrieval off)
+    "diffuspec-path": ["--speculative-config", json.dumps(DIFFUSPEC | {"num_speculative_tokens": 8}),
+                       "--additional-config", json.dumps({"diffuspec": {"retrieval": {"enabled": False}}})],
 }
 CONFIG_ENV = {"diffuspec-off-unpatched": {"DIFFUSPEC_VLLM_STEP_PATCHES": "0"}}
 

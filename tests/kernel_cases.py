@@ -76,7 +76,9 @@ def reference_score(lattice, proxy, tail, path, lam):
         s = np.float32(0)
         for i in range(int(lattice.length[r])):
             t = int(path[r, i])
-            j = int((lattice.tokens[r, i] == t).nonzero()[0])
+            # the valid column holding t (context retrieval may add a copy of a drafter token
+            # that the mass cut left invalid: the copy is the valid one)
+            j = int(((lattice.tokens[r, i] == t) & lattice.valid[r, i]).nonzero()[0])
             lp = proxy.logprob_numpy(np.array([r]), np.array([ctx]), np.array([[t]]))[0, 0]
             s = s + (np.float32(lam) * np.float32(lattice.logq[r, i, j]) + np.float32(1 - lam) * lp)
             ctx = ctx[1:] + [t]
