@@ -394,21 +394,25 @@ def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> 
                              "flight: leave them out of --throughput-methods")
     rates: dict[str, dict[int, list[float]]] = {n: {bs: [] for bs in sizes} for n in names}
     outputs: dict[tuple[str, int], list[list[int]]] = {}
+    def calls(batch: list[list[int]], bs: int) -> list[tuple[list[list[int]], dict]]:
+        """The calls that run ``batch`` at batch size ``bs``: (prompts, keyword arguments) each."""
+        if flight:
+            return [(batch, {"max_batch": bs})]
+        return [(batch[i: i + bs], {}) for i in range(0, len(batch), bs)]
+
     for bs in sizes:  # warm-up, excluded: one batch of each size per method (a cost model profiles here)
         for n in names:
-            runs[n](prompts[:bs], min(8, args.max_new_tokens), **({"max_batch": bs} if flight else {}))
+            for part, kw in calls(prompts[:bs], bs):
+                runs[n](part, min(8, args.max_new_tokens), **kw)
     bar = tqdm(total=args.repeats * len(sizes) * len(names) * len(prompts), desc="throughput", dynamic_ncols=True)
     for rep in range(args.repeats):
         for bs in sizes:
             tokens = {n: 0 for n in names}
             seconds = {n: 0.0 for n in names}
-            for i in range(0, len(prompts), len(prompts) if flight else bs):
+            for part, kw in calls(prompts, bs):
                 for n in names:
                     t = time.perf_counter()
-                    if flight:
-                        outs = runs[n](prompts, args.max_new_tokens, max_batch=bs)
-                    else:
-                        outs = runs[n](prompts[i: i + bs], args.max_new_tokens)
+                    outs = runs[n](part, args.max_new_tokens, **kw)
                     seconds[n] += time.perf_counter() - t
                     tokens[n] += sum(len(o.token_ids) for o in outs)
                     outputs.setdefault((n, bs), []).extend(o.token_ids for o in outs)

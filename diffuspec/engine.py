@@ -214,7 +214,7 @@ class SpeculativeEngine:
         longest = int(lengths_cpu.max())
         if batch.rows == 0 and longest > 1 and bool((lengths_cpu == longest).all()):
             batch.prefill = longest - 1
-            batch.runner.cache.extend(TargetRunner(self.target, n, batch.capacity).cache)
+            batch.runner.cache.extend(RaggedKVCache(n, batch.capacity))  # filled by that first pass
         else:  # prefill passes over all but each new row's last token
             cache = RaggedKVCache(0, batch.capacity)
             pass_tokens = PASS_TOKENS.get(self.device.type, PASS_TOKENS["cuda"])
