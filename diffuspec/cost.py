@@ -317,12 +317,15 @@ def _machine() -> dict:
 
 def cost_key(target, proposer=None) -> str:
     """What a cost table depends on: the models' shapes, device, dtype, torch, the machine."""
+    from .linear import few_row_limit  # (diffuspec.linear times and caches with this module's helpers)
+
     parts: dict = {"machine": _machine()}
     if target is not None:
         param = next(target.parameters())
         config = getattr(target, "config", None)
         parts |= {"target": config.to_dict() if hasattr(config, "to_dict") else str(config or type(target).__name__),
-                  "device": str(param.device), "dtype": str(param.dtype)}
+                  "device": str(param.device), "dtype": str(param.dtype),
+                  "few_rows": few_row_limit(target)}  # passes of that many tokens take another product form
     if proposer is not None:
         drafter = proposer.drafter
         dparam = next(drafter.parameters(), None)
