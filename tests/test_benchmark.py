@@ -32,6 +32,13 @@ def test_latency_benchmark_smoke(tiny_pair, tmp_path):
     for png in ("speedup.png", "acceptance.png", "time_split.png"):
         assert (out / png).stat().st_size > 1000
     assert "| diffuspec |" in (out / "results.md").read_text()
+    assert res["settings"]["dtype"] == "float32"  # the CPU default: token-for-token exact
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--dataset", str(prompts),
+                    "--methods", "ar", "--limit", "1", "--max-new-tokens", "4", "--dtype", "bfloat16",
+                    "--target", str(tiny_pair[0]), "--drafter", str(tiny_pair[1]), "--out", str(tmp_path / "bf16")],
+                   check=True, capture_output=True, text=True)
+    assert json.loads((tmp_path / "bf16" / "results.json").read_text())["settings"]["dtype"] == "bfloat16"
+    assert ", bfloat16" in (tmp_path / "bf16" / "results.md").read_text()
 
 
 def test_throughput_sweep_in_flight(tiny_pair, tmp_path):
