@@ -65,14 +65,14 @@ class Server:
     """``diffuspec serve`` in its own process group, stopped with it."""
 
     def __init__(self, target: str, flags: list[str], log: Path, max_model_len: int, max_num_seqs: int,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, dtype: str = "float32") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ) | (env or {})
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         command = [sys.executable, "-m", "diffuspec.cli", "serve", target, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
+                   "--port", str(self.port), "--dtype", dtype, "--enforce-eager", "--seed", "0",
                    "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
                    *flags]
         with open(log, "w") as out:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--target", help="model folder (default: the embedded target)")
+    ap.add_argument("--dtype", default="float32", help="the server's dtype (bfloat16: see README, Benchmarks)")
     ap.add_argument("--out", default=str(HERE / "results" / "serving_cpu"))
     args = ap.parse_args(argv)
     from diffuspec import assets
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             log = out / f"server-{config}.log"
             print(f"[serving] repeat {rep}: starting {config}", file=sys.stderr, flush=True)
             server = Server(target, CONFIGS[config], log, max_model_len=2048, max_num_seqs=max(levels),
-                            env=CONFIG_ENV.get(config))
+                            env=CONFIG_ENV.get(config), dtype=args.dtype)
             try:
                 for name, path in datasets.items():
                     for n in levels:
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 def render_markdown(res: dict) -> str:
     m, s = res["machine"], res["settings"]
     lines = [f"# Serving: `diffuspec serve` measured with `vllm bench serve`, {s['output_len']} output tokens, "
-             f"T={s['temperature']}, medians of {s['repeats']} repeats", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}.", ""]
+             f"T={s['temperature']}, {s.get('dtype', 'float32')}, medians of {s['repeats']} repeats", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+             f"{' (' + ', '.join(m['cpu_flags']) + ')' if m.get('cpu_flags') else ''}.", ""]
     plain = res["summary"].get("plain")
     for dataset in next(iter(res["summary"].values())):
         levels = list(next(iter(res["summary"].values()))[dataset])
