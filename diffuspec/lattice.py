@@ -102,6 +102,24 @@ def context_continuations(tokens: np.ndarray, length: int, k: int, min_match: in
     return out
 
 
+def copied_drafts(candidates: np.ndarray, room: np.ndarray) -> list[list[int]]:
+    """Prompt-lookup drafts from :func:`context_continuations`' ``candidates [B, R, k]``
+    (match lengths longest first): per row, the continuation of its longest match that has
+    one, up to its first gap (-1) and at most ``room[b]`` tokens; [] where nothing matched.
+
+    Example: candidates [[[-1, -1, -1], [7, 8, -1]]], room [5] → [[7, 8]] (no 5-token match,
+    the 4-token match continues with 7, 8 where the context ends)."""
+    out: list[list[int]] = []
+    for rows, limit in zip(candidates.tolist(), np.asarray(room).tolist()):
+        draft: list[int] = []
+        for cont in rows:
+            if cont[0] >= 0:
+                draft = cont[: cont.index(-1)] if -1 in cont else cont
+                break
+        out.append(draft[: max(int(limit), 0)])
+    return out
+
+
 def add_context_candidates(
     lattice: Lattice,
     candidates: torch.Tensor,  # [B, R, k] int64: copied continuations (-1: none), see context_continuations

@@ -179,14 +179,21 @@ class PathProposer:
 
     def _retrieve(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, kmax: int, kernels) -> torch.Tensor:
         """[B, R, kmax] int64: each row's continuations copied from its own context (-1: none)."""
+        return torch.from_numpy(self.continuations(tokens.cpu().numpy(), lengths_cpu.numpy(), kmax, kernels))
+
+    def continuations(self, host: np.ndarray, lengths: np.ndarray, kmax: int, kernels=None) -> np.ndarray:
+        """[B, R, kmax] int64: :func:`~diffuspec.lattice.context_continuations` of each row of
+        ``host [B, T]`` (row b's context is ``host[b, :lengths[b]]``), for the match lengths
+        of the retrieval config; compiled where the CPU kernels are (``kernels``: None looks
+        them up)."""
         r = self.config.retrieval
-        host = tokens.cpu().numpy()
-        lengths = lengths_cpu.numpy()
+        kernels = self.kernels(torch.device("cpu")) if kernels is None else kernels
         compiled = getattr(kernels, "context_continuations", None)
         if compiled is not None:
-            return torch.from_numpy(compiled(host, lengths.astype(np.int64), kmax, r.min_match, r.max_match))
-        return torch.from_numpy(np.stack([context_continuations(host[b], int(lengths[b]), kmax, r.min_match,
-                                                                r.max_match) for b in range(len(lengths))]))
+            return compiled(np.ascontiguousarray(host, dtype=np.int64), lengths.astype(np.int64), kmax, r.min_match,
+                            r.max_match)
+        return np.stack([context_continuations(host[b], int(lengths[b]), kmax, r.min_match, r.max_match)
+                         for b in range(len(lengths))])
 
     def propose_contexts(self, contexts: list[np.ndarray], k: torch.Tensor, carry: list[tuple]
                          ) -> tuple[Proposal, list[tuple]]:

@@ -310,11 +310,16 @@ def test_context_candidates_join_the_lattice_by_hand():
     """Prompt-lookup continuations: the latest earlier match of the last n tokens, longest
     n first; merged where the lattice has a position, a drafter token keeping the larger
     log q, a new token in a new column with log(prior), repeats left out."""
-    from diffuspec.lattice import Lattice, add_context_candidates, context_continuations
+    from diffuspec.lattice import Lattice, add_context_candidates, context_continuations, copied_drafts
 
     t = np.array([5, 6, 7, 8, 5, 6, 9, 9, 5, 6])
     assert context_continuations(t, 10, 4, 1, 3).tolist() == [[-1] * 4, [9, 9, 5, 6], [9, 9, 5, 6]]
     assert context_continuations(t, 3, 4, 1, 2).tolist() == [[-1] * 4, [-1] * 4]  # nothing earlier matches
+    # Copied drafts (the vLLM proposer's steps without a drafter pass): the longest match's
+    # continuation up to its first gap and the row's room; [] where nothing matched.
+    cands = np.stack([context_continuations(t, 10, 4, 1, 3), context_continuations(t, 3, 4, 1, 2).repeat(2, 0)[:3]])
+    assert copied_drafts(cands, np.array([3, 4])) == [[9, 9, 5], []]
+    assert copied_drafts(np.array([[[-1, -1], [7, -1]]]), np.array([5])) == [[7]]
     inf = float("-inf")
     lattice = Lattice(tokens=torch.tensor([[[10, 11], [12, 13], [14, 15]]]),
                       logq=torch.tensor([[[-0.1, -3.0], [-0.2, inf], [-0.3, inf]]]),

@@ -666,6 +666,34 @@ def test_drafter_caches_stay_under_their_budget():
     assert states.pop(b"b").drafter_kv.length == 10 and states.held_bytes == 64 * 11
 
 
+def test_steps_the_drafter_cannot_pay_for_copy_from_the_context(proposer_pair, monkeypatch):
+    """Where the policy drafts nothing, a row whose context repeats a phrase gets what
+    followed the phrase's earlier occurrence as its draft (no drafter pass), a row with no
+    repeat gets none; the rows' states keep k = 0 (the drafter's policy learns nothing from
+    copies), and the next step decides again instead of being held plain. With retrieval
+    off, nothing is copied."""
+    for retrieval, expect in ((True, [[15, 16, 17, 30, 31, 11, 12, 13], []]), (False, [[], []])):
+        proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3,
+                                                       retrieval={"enabled": retrieval}))
+        proposer.load_model(None)
+        real = proposer._policy
+
+        def plain_policy(prev, emitted, real=real):  # this step, drafting does not pay
+            policy = real(prev, emitted)
+            policy.next_k = lambda view=None: torch.zeros(len(prev), dtype=torch.int64)
+            return policy
+
+        monkeypatch.setattr(proposer, "_policy", plain_policy)
+        phrase = [11, 12, 13, 14, 15, 16, 17]
+        a = [5, 6] + phrase + [30, 31] + phrase[:4]  # ends with 11 12 13 14, seen before: then 15 16 17 30 ...
+        b = [40, 41, 42, 43]
+        lengths, tokens = _batch([a, b])
+        assert proposer.propose([[a[-1]], [b[-1]]], lengths, tokens) == expect
+        assert proposer.stats.copied_rows == int(retrieval) and proposer.stats.rows_drafted == int(retrieval)
+        assert proposer.states._states[RequestStates.fingerprint(np.array(a, dtype=np.int32))].k == 0
+        assert (proposer._held is None) == retrieval  # a step that drafted copies is not followed by a hold
+
+
 def test_rows_without_tokens_and_full_rows_get_no_draft(proposer_pair):
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, max_model_len=64))
     full = list(range(3, 66))[:63]  # 63 tokens: verifying any draft would pass max_model_len=64

@@ -53,6 +53,7 @@ from diffuspec.config import DiffuSpecConfig
 from diffuspec.drafters import RowCache, load_drafter
 from diffuspec.cost import CostModel, StepCost
 from diffuspec.guard import ThroughputGuard
+from diffuspec.lattice import copied_drafts
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength
 from diffuspec.propose import PathProposer, pad_contexts
@@ -258,6 +259,7 @@ class ProposerStats:
     failures: int = 0
     invalid_drafts: int = 0  # drafts cut at an id outside the target's vocabulary
     cached_tokens: int = 0   # prefix tokens the drafter took from its cache instead of recomputing
+    copied_rows: int = 0     # rows whose draft was copied from their context (no drafter pass), see _copies
     draft_lengths: list[int] = field(default_factory=list)  # histogram: index = proposed length
 
 
@@ -377,9 +379,16 @@ class DiffuSpecProposer:
         except Exception:
             self._failure("the drafter failed while the draft lengths were chosen (cost profiling); this step proposes no drafts", exc_info=True)
             k = torch.zeros(len(rows), dtype=torch.int64)
-        if int(k.max()) > 0 and ThroughputGuard.applies(s.config) and not self.guard.allow(len(rows)):
+        guarded, blocked = ThroughputGuard.applies(s.config), False
+        if int(k.max()) > 0 and guarded and not self.guard.allow(len(rows)):
             k = torch.zeros_like(k)  # drafting measured slower than plain decoding at this batch size
-        self.guard.started(len(rows), drafted=int(k.max()) > 0)
+            blocked = True
+        copies = None
+        if int(k.max()) == 0 and not blocked:  # the drafter's pass does not pay here: what copying would give
+            copies = self._copies(token_ids_cpu, rows, lengths, view.room)
+            if copies is not None and guarded and not self.guard.allow(len(rows)):
+                copies = None
+        self.guard.started(len(rows), drafted=int(k.max()) > 0 or copies is not None)
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
@@ -392,10 +401,14 @@ class DiffuSpecProposer:
             for j, i in enumerate(rows):
                 drafts[i] = self._valid(paths[j][: int(path_len[j])])
                 path_len[j] = len(drafts[i])
+        if copies is not None:  # (their rows' states keep k = 0: the drafter's policy learns nothing from them)
+            for j, i in enumerate(rows):
+                drafts[i] = self._valid(copies[j])
+            self.stats.copied_rows += sum(1 for i in rows if drafts[i])
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
                                               gen_len=int(new_gen_len[j]), drafter_kv=kv[j][0], ngrams=kv[j][1]))
-        self._held = 0 if int(k.max()) == 0 else None  # nothing drafted: the next steps may be held
+        self._held = 0 if int(k.max()) == 0 and copies is None else None  # nothing drafted: the next steps may be held
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
         return drafts
@@ -415,6 +428,24 @@ class DiffuSpecProposer:
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (len(rows), time.perf_counter())
         return drafts
+
+    def _copies(self, token_ids_cpu: np.ndarray, rows: list[int], lengths: np.ndarray, room: torch.Tensor
+                ) -> list[list[int]] | None:
+        """Drafts copied from each row's own context, for a step whose drafter pass would not
+        pay (the policy drafts nothing): per row, what followed the latest earlier occurrence
+        of its last 5..3 tokens (:func:`~diffuspec.lattice.copied_drafts`), at most ``room``.
+        They cost a search (compiled; ~0.5 ms over 64 rows here), not a pass, and vLLM
+        verifies them like any draft; the throughput guard measures steps that copy as it
+        measures drafting steps. None when retrieval is off, the drafter runs on Ray, or no
+        row matched."""
+        if not self.settings.config.retrieval.enabled or self.path_proposer is None:
+            return None
+        t0 = time.perf_counter()
+        host = token_ids_cpu[rows, : int(lengths.max())]
+        candidates = self.path_proposer.continuations(host, lengths, self.settings.num_speculative_tokens)
+        copies = copied_drafts(candidates, room.numpy())
+        self.stats.time_search += time.perf_counter() - t0
+        return copies if any(copies) else None
 
     def _uncached(self, prev: list[RequestState | None], lengths: np.ndarray) -> np.ndarray:  # [R] int64
         """Context tokens each row's drafter pass would encode beyond its prefix cache (the
