@@ -434,7 +434,7 @@ class DiffuSpecProposer:
         """Drafts copied from each row's own context, for a step whose drafter pass would not
         pay (the policy drafts nothing): per row, what followed the latest earlier occurrence
         of its last 5..3 tokens (:func:`~diffuspec.lattice.copied_drafts`), at most ``room``.
-        They cost a search (compiled; ~0.5 ms over 64 rows here), not a pass, and vLLM
+        They cost a search of each row's context (compiled), not a pass, and vLLM
         verifies them like any draft; the throughput guard measures steps that copy as it
         measures drafting steps. None when retrieval is off, the drafter runs on Ray, or no
         row matched."""
