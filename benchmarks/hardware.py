@@ -31,6 +31,11 @@ def machine_info() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def flags_note(m: dict) -> str:
+    """`` (avx2, avx512f, ...)`` for a recorded machine (empty where none were recorded)."""
+    return f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+
+
 def machine_line() -> str:
     m = machine_info()
     return f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}" + (f", GPU {m['gpu']}" if m["gpu"] else "")

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from hardware import machine_info
+from hardware import flags_note, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = {
@@ -444,7 +444,7 @@ def render_markdown(res: dict) -> str:
              f"batch {s['batch_size']}, T={s['temperature']}" + (f", top-p {s['top_p']}" if s.get("top_p") else "")
              + f", {s.get('dtype', 'float32')}",
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
-             f"{' (' + ', '.join(m['cpu_flags']) + ')' if m.get('cpu_flags') else ''}"
+             f"{flags_note(m)}"
              f"{', GPU ' + m['gpu'] if m['gpu'] else ''}.", "",
              "| method | tokens/s | speedup vs ar (min..max) | τ | η | η bound (verify only) | exact |",
              "|---|---|---|---|---|---|---|"]

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from hardware import machine_info  # noqa: E402
+from hardware import flags_note, machine_info  # noqa: E402
 from vllm_methods import DIFFUSPEC, NGRAM  # noqa: E402
 
 # vLLM's speculative path with our proposer drafting nothing: what the mode itself costs
@@ -198,7 +198,7 @@ def render_markdown(res: dict) -> str:
     lines = [f"# Serving: `diffuspec serve` measured with `vllm bench serve`, {s['output_len']} output tokens, "
              f"T={s['temperature']}, {s.get('dtype', 'float32')}, medians of {s['repeats']} repeats", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}"
-             f"{' (' + ', '.join(m['cpu_flags']) + ')' if m.get('cpu_flags') else ''}.", ""]
+             f"{flags_note(m)}.", ""]
     plain = res["summary"].get("plain")
     for dataset in next(iter(res["summary"].values())):
         levels = list(next(iter(res["summary"].values()))[dataset])

@@ -98,6 +98,9 @@ def few_row_limit(model: torch.nn.Module) -> int:
     embedded target), cached on disk per machine, torch, dtype and model configuration."""
     if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
         return 0  # not a transformers model (a stand-in in tests): the usual form
+    known = _limits.get(model)
+    if known is not None:  # every pass asks: no lock once measured
+        return known
     with _lock:
         if model in _limits:
             return _limits[model]
