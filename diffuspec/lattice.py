@@ -105,16 +105,20 @@ def context_continuations(tokens: np.ndarray, length: int, k: int, min_match: in
 def copied_drafts(candidates: np.ndarray, room: np.ndarray) -> list[list[int]]:
     """Prompt-lookup drafts from :func:`context_continuations`' ``candidates [B, R, k]``
     (match lengths longest first): per row, the continuation of its longest match that has
-    one, up to its first gap (-1) and at most ``room[b]`` tokens; [] where nothing matched.
+    one, at most ``room[b]`` tokens; [] where nothing matched. A continuation that stops
+    short (-1 from position g on) ran into the end of the context: the match lies g tokens
+    back, so the text is repeating with period g, and the draft goes on repeating it to k
+    tokens (a small model's outputs often loop so).
 
-    Example: candidates [[[-1, -1, -1], [7, 8, -1]]], room [5] → [[7, 8]] (no 5-token match,
-    the 4-token match continues with 7, 8 where the context ends)."""
+    Example: candidates [[[-1, -1, -1], [7, 8, -1]]], room [5] → [[7, 8, 7]] (no 5-token
+    match; the 4-token match lies 2 tokens back, where the context continued 7, 8)."""
     out: list[list[int]] = []
     for rows, limit in zip(candidates.tolist(), np.asarray(room).tolist()):
         draft: list[int] = []
         for cont in rows:
             if cont[0] >= 0:
-                draft = cont[: cont.index(-1)] if -1 in cont else cont
+                period = cont.index(-1) if -1 in cont else len(cont)
+                draft = [cont[i % period] for i in range(len(cont))]
                 break
         out.append(draft[: max(int(limit), 0)])
     return out

@@ -316,10 +316,16 @@ def test_context_candidates_join_the_lattice_by_hand():
     assert context_continuations(t, 10, 4, 1, 3).tolist() == [[-1] * 4, [9, 9, 5, 6], [9, 9, 5, 6]]
     assert context_continuations(t, 3, 4, 1, 2).tolist() == [[-1] * 4, [-1] * 4]  # nothing earlier matches
     # Copied drafts (the vLLM proposer's steps without a drafter pass): the longest match's
-    # continuation up to its first gap and the row's room; [] where nothing matched.
+    # continuation up to the row's room; [] where nothing matched.
     cands = np.stack([context_continuations(t, 10, 4, 1, 3), context_continuations(t, 3, 4, 1, 2).repeat(2, 0)[:3]])
     assert copied_drafts(cands, np.array([3, 4])) == [[9, 9, 5], []]
-    assert copied_drafts(np.array([[[-1, -1], [7, -1]]]), np.array([5])) == [[7]]
+    # a continuation that runs into the end of the context repeats with that period: the
+    # last 3 tokens of 1 2 3 4 1 2 3 4 1 2 3 matched 4 back, where 4 1 2 followed
+    loop = np.array([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
+    cands = context_continuations(loop, 11, 6, 3, 3)
+    assert cands.tolist() == [[4, 1, 2, 3, -1, -1]]
+    assert copied_drafts(cands[None], np.array([6])) == [[4, 1, 2, 3, 4, 1]]
+    assert copied_drafts(np.array([[[-1, -1, -1], [7, -1, -1]]]), np.array([2])) == [[7, 7]]
     inf = float("-inf")
     lattice = Lattice(tokens=torch.tensor([[[10, 11], [12, 13], [14, 15]]]),
                       logq=torch.tensor([[[-0.1, -3.0], [-0.2, inf], [-0.3, inf]]]),

@@ -694,6 +694,55 @@ def test_steps_the_drafter_cannot_pay_for_copy_from_the_context(proposer_pair, m
         assert (proposer._held is None) == retrieval  # a step that drafted copies is not followed by a hold
 
 
+def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_pair, monkeypatch):
+    """A copy is verified like a draft, so it is cut where its tokens would cost more than
+    they are expected to emit: with vLLM's step cost learnt as 10 ms + 10 ms per token (each
+    token as dear as a step's worth of output) and copies rarely accepted, none is kept; with
+    tokens nearly free and copies accepted, all of it. The next step's accepted count goes
+    into the copies' own pooled acceptance (not the drafter's), and after ``explore_every``
+    steps without a copy one row copies ``explore_k`` tokens again."""
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
+    proposer.load_model(None)
+    real = proposer._policy
+
+    def plain_policy(prev, emitted):  # the drafter's pass does not pay: copy steps
+        policy = real(prev, emitted)
+        policy.next_k = lambda view=None: torch.zeros(len(prev), dtype=torch.int64)
+        return policy
+
+    monkeypatch.setattr(proposer, "_policy", plain_policy)
+    phrase = [11, 12, 13, 14, 15, 16, 17]
+    a = [5, 6] + phrase + [30, 31] + phrase[:4]
+    b = [40, 41, 42, 43]
+    copied = [15, 16, 17, 30, 31, 11, 12, 13]
+    lengths, tokens = _batch([a, b])
+    assert not proposer.costs.ready and proposer.propose([[a[-1]], [b[-1]]], lengths, tokens) == [copied, []]
+
+    # vLLM accepts two of the copied tokens: 15 16, then emits 99 (and b its next token)
+    a2, b2 = a + [15, 16, 99], b + [44]
+    lengths, tokens = _batch([a2, b2])
+    proposer.propose([[15, 16, 99], [44]], lengths, tokens)
+    pooled = proposer.copy_acceptance
+    assert pooled.reached[:4].tolist() == [1, 1, 1, 0] and pooled.accepted[:4].tolist() == [1, 1, 0, 0]
+    assert proposer.acceptance.reached.sum() == 0  # the drafter's acceptance learnt nothing from copies
+
+    def learnt(step_ms, per_token_ms, accepted):
+        proposer.costs.step.w = np.array([step_ms, per_token_ms]) / 1e3
+        proposer.costs.step.samples = 100
+        pooled.reached[:], pooled.accepted[:] = 1000.0, 1000.0 * accepted
+        pooled._rates = None
+        proposer._copy_idle = 0
+
+    learnt(10.0, 10.0, 0.1)
+    assert proposer._cost_copies([copied, []]) == [[], []]
+    learnt(10.0, 0.01, 0.95)
+    assert proposer._cost_copies([copied, []]) == [copied, []]
+    learnt(10.0, 10.0, 0.1)
+    every, k = CostAwareDraftLength.explore_every, CostAwareDraftLength.explore_k
+    outcomes = [proposer._cost_copies([copied, [7]]) for _ in range(every)]
+    assert all(o == [[], []] for o in outcomes[:-1]) and outcomes[-1] == [copied[:k], []]
+
+
 def test_rows_without_tokens_and_full_rows_get_no_draft(proposer_pair):
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, max_model_len=64))
     full = list(range(3, 66))[:63]  # 63 tokens: verifying any draft would pass max_model_len=64

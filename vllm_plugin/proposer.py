@@ -55,7 +55,7 @@ from diffuspec.cost import CostModel, StepCost
 from diffuspec.guard import ThroughputGuard
 from diffuspec.lattice import copied_drafts
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
-from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength
+from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength, best_allocation, position_outcomes
 from diffuspec.propose import PathProposer, pad_contexts
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
@@ -202,6 +202,7 @@ class RequestState:
     gen_len: int     # L_gen of last step's raw draft
     drafter_kv: RowCache | None = None  # the drafter's prefix cache of this context (a prefix of it)
     ngrams: object | None = None         # the online proxy's counts of this context (diffuspec.proxy)
+    copied: int = 0  # tokens copied from the context last step (DiffuSpecProposer._copies), not drafted
 
 
 class RequestStates:
@@ -291,6 +292,10 @@ class DiffuSpecProposer:
         # tokens: its cost follows their total), and pools acceptance over requests.
         self.costs: StepCost | None = None  # built by load_model, around the loaded drafter
         self.acceptance = AcceptanceModel(cfg.adl.k_max)
+        # Copies (_copies) are costed as drafts are, from their own pooled acceptance: what
+        # followed an earlier occurrence of a phrase is kept far more often in code than in prose.
+        self.copy_acceptance = AcceptanceModel(self.settings.num_speculative_tokens)
+        self._copy_idle = 0  # steps since copies were last allocated any token (see _cost_copies)
         self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
         # Measured check of the policy: drafting continues only while drafting steps measure
         # at least as many tokens/s as plain ones (diffuspec.guard).
@@ -361,6 +366,7 @@ class DiffuSpecProposer:
         keys = [RequestStates.fingerprint(token_ids_cpu[i, :n]) for i, n in zip(rows, lengths.tolist())]
         clean = len(rows) == n_rows and all(p is not None for p in prev)
         self._observe_step(t0, clean)
+        self._observe_copies(prev, emitted)
         profiled = 0.0 if self.costs is None else self.costs.profile_seconds  # (cost profiling is not a step's)
         if clean and self._last_start is not None:
             self.guard.finished(int(emitted.sum()), t0 - self._last_start - (profiled - self._last_profiled))
@@ -407,7 +413,8 @@ class DiffuSpecProposer:
             self.stats.copied_rows += sum(1 for i in rows if drafts[i])
         for j, (key, row) in enumerate(zip(keys, policy.export_rows())):
             self.states.put(key, RequestState(policy=row, k=int(k[j]), path_len=int(path_len[j]),
-                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j][0], ngrams=kv[j][1]))
+                                              gen_len=int(new_gen_len[j]), drafter_kv=kv[j][0], ngrams=kv[j][1],
+                                              copied=len(drafts[rows[j]]) if copies is not None else 0))
         self._held = 0 if int(k.max()) == 0 and copies is None else None  # nothing drafted: the next steps may be held
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (sum(len(drafts[i]) + 1 for i in rows), time.perf_counter())
@@ -436,16 +443,57 @@ class DiffuSpecProposer:
         of its last 5..3 tokens (:func:`~diffuspec.lattice.copied_drafts`), at most ``room``.
         They cost a search of each row's context (compiled), not a pass, and vLLM
         verifies them like any draft; the throughput guard measures steps that copy as it
-        measures drafting steps. None when retrieval is off, the drafter runs on Ray, or no
-        row matched."""
+        measures drafting steps. Each copy is then cut to what pays (:meth:`_cost_copies`).
+        None when retrieval is off, the drafter runs on Ray, or no row keeps a copy."""
         if not self.settings.config.retrieval.enabled or self.path_proposer is None:
             return None
         t0 = time.perf_counter()
         host = token_ids_cpu[rows, : int(lengths.max())]
         candidates = self.path_proposer.continuations(host, lengths, self.settings.num_speculative_tokens)
-        copies = copied_drafts(candidates, room.numpy())
+        copies = self._cost_copies(copied_drafts(candidates, room.numpy()))
         self.stats.time_search += time.perf_counter() - t0
         return copies if any(copies) else None
+
+    def _cost_copies(self, copies: list[list[int]]) -> list[list[int]]:
+        """Each row's copy cut to the length that maximises the step's expected tokens per
+        second (:func:`~diffuspec.scheduler.best_allocation`, as the policy allocates drafted
+        tokens): the pooled acceptance of earlier copies per position against vLLM's learnt
+        step cost, which a copy adds to by its tokens and nothing else (no pass). On a busy
+        compute-bound step a token costs about what it would emit, so prose's copies, kept
+        less often than code's, are cut there. Where nothing is allocated for
+        ``explore_every`` steps in a row (and perfect copies would pay), one row copies
+        ``explore_k`` tokens, so the acceptance estimate follows a change of text. Uncut
+        until the step cost is learnt."""
+        if self.costs is None or not self.costs.ready or not any(copies):
+            return copies
+        have = np.array([len(c) for c in copies])
+        width = self.copy_acceptance.width
+
+        def times(tokens, kmax, drafting):  # a step of that many tokens, no proposal
+            return self.costs.step_times(tokens, np.zeros_like(kmax), np.zeros_like(drafting))
+
+        survive = np.broadcast_to(np.cumprod(self.copy_acceptance.rates())[None, :], (len(copies), width))
+        keep = best_allocation(survive, have, times)
+        if keep.any():
+            self._copy_idle = 0
+        else:
+            self._copy_idle += 1
+            if self._copy_idle >= CostAwareDraftLength.explore_every and \
+                    best_allocation(np.ones((len(copies), width)), have, times).any():
+                self._copy_idle = 0
+                j = int(np.argmax(have))
+                keep[j] = min(int(have[j]), CostAwareDraftLength.explore_k)
+        return [c[:n] for c, n in zip(copies, keep.tolist())]
+
+    def _observe_copies(self, prev: list[RequestState | None], emitted: np.ndarray) -> None:
+        """Last step's copies and how many of their tokens vLLM accepted (``emitted - 1``),
+        into the copies' pooled acceptance."""
+        copied = np.array([p.copied if p is not None else 0 for p in prev])
+        if not copied.any():
+            return
+        reached, accepted = position_outcomes(copied, np.minimum(emitted - 1, copied), self.copy_acceptance.width)
+        mask = (copied > 0)[:, None]
+        self.copy_acceptance.observe(reached * mask, accepted * mask)
 
     def _uncached(self, prev: list[RequestState | None], lengths: np.ndarray) -> np.ndarray:  # [R] int64
         """Context tokens each row's drafter pass would encode beyond its prefix cache (the
@@ -577,9 +625,11 @@ class DiffuSpecProposer:
         st.steps += 1
         if st.steps % 1000 == 0:  # what a long-running server's operator wants to see now and then
             logger.info("diffuspec: %d steps, %d request states, drafter caches %.1f MB of %.0f MB, %d failures, "
-                        "%d drafts cut at an invalid id, %d steps kept plain by the throughput guard", st.steps, len(self.states),
-                        self.states.held_bytes / 2**20, self.states.cache_bytes / 2**20, st.failures, st.invalid_drafts,
-                        self.guard.forced_plain)
+                        "%d drafts cut at an invalid id, %d steps kept plain by the throughput guard, %d rows drafted "
+                        "(%d of them copied from their context; copies' pooled acceptance by position %s)",
+                        st.steps, len(self.states), self.states.held_bytes / 2**20, self.states.cache_bytes / 2**20,
+                        st.failures, st.invalid_drafts, self.guard.forced_plain, st.rows_drafted, st.copied_rows,
+                        np.round(self.copy_acceptance.rates()[:4], 2).tolist())
         st.time_total += elapsed
         for i in rows:
             n = len(drafts[i])
