@@ -743,6 +743,50 @@ def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_
     assert all(o == [[], []] for o in outcomes[:-1]) and outcomes[-1] == [copied[:k], []]
 
 
+@pytest.mark.parametrize("copy_rate, drafter_rate, a_copies", [(0.99, 0.3, True), (0.2, 0.9, False)])
+def test_a_row_copies_instead_of_drafting_where_its_copy_promises_more(proposer_pair, monkeypatch, copy_rate,
+                                                                      drafter_rate, a_copies):
+    """In a step where the policy drafts for both rows, the row whose context repeats a
+    phrase takes the copy instead of the drafter's draft where copies are accepted further
+    (each from its own pooled rates: 8 copied tokens at 0.99 against 4 drafted at 0.3) and
+    leaves the drafter's pass, which then runs over the other row alone; where drafts are
+    accepted further it drafts as before. A step of one row keeps the drafter's draft."""
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
+    proposer.load_model(None)
+    real, passes = proposer._policy, []
+
+    def four_each(prev, emitted):
+        policy = real(prev, emitted)
+        policy.next_k = lambda view=None: torch.full((len(prev),), 4, dtype=torch.int64)
+        return policy
+
+    def recorded(contexts, k, carry, real=proposer.path_proposer.propose_contexts):
+        passes.append(len(contexts))
+        return real(contexts, k, carry)
+
+    monkeypatch.setattr(proposer, "_policy", four_each)
+    monkeypatch.setattr(proposer.path_proposer, "propose_contexts", recorded)
+    for pooled, rate in ((proposer.copy_acceptance, copy_rate), (proposer.acceptance, drafter_rate)):
+        pooled.reached[:], pooled.accepted[:] = 1000.0, 1000.0 * rate
+        pooled._rates = None
+    phrase = [11, 12, 13, 14, 15, 16, 17]
+    a = [5, 6] + phrase + [30, 31] + phrase[:4]
+    b = [40, 41, 42, 43]
+    lengths, tokens = _batch([a, b])
+    drafts = proposer.propose([[a[-1]], [b[-1]]], lengths, tokens)
+    state = proposer.states._states[RequestStates.fingerprint(np.array(a, dtype=np.int32))]
+    if a_copies:
+        assert drafts[0] == [15, 16, 17, 30, 31, 11, 12, 13] and (state.k, state.copied) == (0, 8)
+        assert passes == [1] and proposer.stats.copied_rows == 1
+        # a lone row keeps its drafter draft (the drafter's lattice holds the copy's tokens too)
+        lengths, tokens = _batch([a[1:]])
+        proposer.propose([[a[-1]]], lengths, tokens)
+        assert passes == [1, 1] and proposer.stats.copied_rows == 1
+    else:
+        assert (state.k, state.copied) == (4, 0) and len(drafts[0]) <= 4
+        assert passes == [2] and proposer.stats.copied_rows == 0
+
+
 def test_rows_without_tokens_and_full_rows_get_no_draft(proposer_pair):
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, max_model_len=64))
     full = list(range(3, 66))[:63]  # 63 tokens: verifying any draft would pass max_model_len=64
