@@ -4,8 +4,9 @@
 #
 #   1. the Triton kernels' tests, natively (no interpreter): tests/triton_interpreted.py;
 #   2. the kernel microbenchmarks at V = 152064 (torch reference vs Triton, B 1..64, k 8..32);
-#   3. the engine on CUDA with the embedded pair: greedy exactness against plain decoding,
-#      tokens/s and τ, with kernels="auto" (Triton) and "reference".
+#   3. the engine on CUDA with the embedded pair (benchmarks/gpu_engine.py): greedy exactness
+#      against plain decoding in float32 with kernels "auto" (Triton) and "reference", bf16 speed,
+#      and a float32 batch sweep.
 #
 # Nothing is downloaded: the machine's own torch/transformers/triton/numba are used, and
 # diffuspec is put on the path from this checkout (no install). Everything lands in
@@ -32,51 +33,28 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 
+STEPS=${STEPS:-123}  # which of the steps to run, e.g. STEPS=13 for a rerun that skips the microbenchmarks
+TESTS_RC=0 BENCH_RC=0 ENGINE_RC=0
+if [[ $STEPS == *1* ]]; then
 step "1. Triton kernel tests (native)"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/triton_interpreted.py 2>&1 | tee -a "$LOG" | tail -3
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/triton_interpreted.py 2>&1 | tee -a "$LOG" | tail -3
 TESTS_RC=${PIPESTATUS[0]}
+fi
+
+if [[ $STEPS == *2* ]]; then
 
 step "2. kernel microbenchmarks, V=152064"
-timeout 200 $PY benchmarks/kernels.py --device cuda --vocab 152064 --batch 1,4,16,64 --k 8,16,32 --repeats 20 \
+timeout 130 $PY benchmarks/kernels.py --device cuda --vocab 152064 --batch 1,8,64 --k 8,32 --repeats 10 \
     --out "$OUT" 2>&1 | tee -a "$LOG" | tail -14
 BENCH_RC=${PIPESTATUS[0]}
+fi
+
+if [[ $STEPS == *3* ]]; then
 
 step "3. engine on CUDA, embedded pair"
-timeout 150 $PY - "$OUT/engine.json" <<'PYEOF' 2>&1 | tee -a "$LOG"
-import json, sys, time
-import torch
-from diffuspec import DiffuSpec
-
-prompts = ["def fibonacci(n):\n", "def is_prime(n):\n    \"\"\"Return True if n is prime.\"\"\"\n",
-           "import numpy as np\n\ndef normalize(x):\n", "class Stack:\n    def __init__(self):\n",
-           "Write a short story about a lighthouse keeper.", "Explain what a hash table is."]
-out = {}
-for kernels in ("auto", "reference"):
-    ds = DiffuSpec.from_pretrained(device="cuda", kernels=kernels)
-    ds.generate(prompts[0], max_new_tokens=16)  # warm-up: kernels compile, CUDA context
-    ds.generate(prompts[0], max_new_tokens=16, speculate=False)
-    chosen = ds._engine(True).proposer.kernels(torch.device("cuda"))
-    row = {"kernels": chosen.name if chosen is not None else "reference"}
-    for speculate in (False, True):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        res = [ds.generate(p, max_new_tokens=128, speculate=speculate)[0] for p in prompts]
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        n = sum(len(r.token_ids) for r in res)
-        rounds = sum(r.stats.rounds for r in res)
-        row["spec" if speculate else "plain"] = {"tokens": n, "seconds": dt, "tok_s": n / dt, "tau": n / rounds,
-                                                 "ids": [r.token_ids for r in res],
-                                                 "search_ms_per_round": 1e3 * sum(r.stats.time_search for r in res) / rounds}
-    row["exact"] = row["spec"]["ids"] == row["plain"]["ids"]
-    row["speedup"] = row["spec"]["tok_s"] / row["plain"]["tok_s"]
-    for part in ("spec", "plain"):
-        del row[part]["ids"]
-    out[kernels] = row
-    print(kernels, json.dumps(row))
-json.dump(out, open(sys.argv[1], "w"), indent=1)
-PYEOF
+timeout 200 $PY benchmarks/gpu_engine.py --device cuda --out "$OUT" 2>&1 | grep -v "Loading weights" | tee -a "$LOG"
 ENGINE_RC=${PIPESTATUS[0]}
+fi
 
 step "summary"
 $PY - "$OUT" "$TESTS_RC" "$BENCH_RC" "$ENGINE_RC" <<'PYEOF' 2>&1 | tee -a "$LOG"

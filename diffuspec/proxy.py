@@ -192,7 +192,7 @@ class NGramModel:
     def _numpy_tables(self):
         """The tables as numpy arrays, counts as float32 (numpy's float16 arithmetic is slow)."""
         if self._np is None:
-            arrays = [getattr(self, n).numpy() for n in self._TENSORS]
+            arrays = [getattr(self, n).cpu().numpy() for n in self._TENSORS]  # the tables may live on a GPU
             self._np = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays)
         return self._np
 

@@ -22,6 +22,7 @@ a GPU (tests/test_kernels.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -36,7 +37,7 @@ from diffuspec.proxy import FlatNGram
 from . import ProxyInputs, _Kernels
 
 _MULT = 1_000_003  # diffuspec.proxy's rolling-hash multiplier
-_BIG = 1 << 30     # an index no real entry has
+_BIG = tl.constexpr(1 << 30)  # an index no real entry has (a constexpr: compiled Triton reads no other globals)
 
 
 def _pow2(n: int) -> int:
@@ -341,7 +342,8 @@ class TritonKernels(_Kernels):
     def search_path(self, lattice: Lattice, proxy: ProxyInputs, tail: torch.Tensor, cfg: CPSConfig,
                     return_scores: bool = False):
         b, kmax, m = lattice.tokens.shape
-        dev = lattice.tokens.device
+        dev = self.device  # a lattice built elsewhere (on the host, by the reference) is moved here
+        lattice = Lattice(**{f.name: getattr(lattice, f.name).to(dev) for f in dataclasses.fields(lattice)})
         path = torch.zeros(b, kmax, dtype=torch.int64, device=dev)
         score = torch.zeros(b, dtype=torch.float32, device=dev)
         h = tail.shape[1]
