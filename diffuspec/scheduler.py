@@ -211,6 +211,8 @@ class CostAwareDraftLength(DraftLengthPolicy):
             return torch.from_numpy(room.astype(np.int64))
         self.costs.ensure(rows)
         if not self.costs.ready:  # no measurements yet (vLLM learns its step cost as it serves): the ADL's k
+            if self.costs.packed:  # ...for one row a step, in turn: see cold_row
+                room = np.where(np.arange(self.rows) == self.cold_row(room), room, 0)
             return torch.from_numpy(room.astype(np.int64))
         start = None if view.start_cost is None else view.start_cost.numpy()
         k = self._best(pooled.rates(), room, active, rows, start)
@@ -234,6 +236,15 @@ class CostAwareDraftLength(DraftLengthPolicy):
             pooled.exploring = False
             pooled.explore_after = self.explore_every
         return torch.from_numpy(k.astype(np.int64))
+
+    def cold_row(self, room: np.ndarray) -> int:
+        """The one row that drafts in a packed step while the step cost is not learnt (-1:
+        none can): the rows with room in turn, by the steps seen. One row's draft gives the
+        step-cost fit steps of different sizes as well as every row's would, for one short
+        pass: a cold vLLM server at 16 requests drafting for every row (every request's first
+        draft also encodes its prompt) measured 0.80× of plain against 0.98× with drafting off."""
+        can = np.flatnonzero(room > 0)
+        return int(can[self.costs.step.samples % len(can)]) if len(can) else -1
 
     def _best(self, rates: np.ndarray, room: np.ndarray, active: np.ndarray, rows: int,
               start: np.ndarray | None) -> np.ndarray:  # [B] int64

@@ -672,7 +672,8 @@ def test_steps_the_drafter_cannot_pay_for_copy_from_the_context(proposer_pair, m
     repeat gets none; the rows' states keep k = 0 (the drafter's policy learns nothing from
     copies), and the next step decides again instead of being held plain. With retrieval
     off, nothing is copied."""
-    for retrieval, expect in ((True, [[15, 16, 17, 30, 31, 11, 12, 13], []]), (False, [[], []])):
+    k = CostAwareDraftLength.explore_k  # (vLLM's step cost not learnt yet: each copy cut to explore_k tokens)
+    for retrieval, expect in ((True, [[15, 16, 17, 30, 31, 11, 12, 13][:k], []]), (False, [[], []])):
         proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3,
                                                        retrieval={"enabled": retrieval}))
         proposer.load_model(None)
@@ -698,7 +699,8 @@ def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_
     """A copy is verified like a draft, so it is cut where its tokens would cost more than
     they are expected to emit: with vLLM's step cost learnt as 10 ms + 10 ms per token (each
     token as dear as a step's worth of output) and copies rarely accepted, none is kept; with
-    tokens nearly free and copies accepted, all of it. The next step's accepted count goes
+    tokens nearly free and copies accepted, all of it; before the step cost is learnt, each
+    is cut to ``explore_k`` tokens. The next step's accepted count goes
     into the copies' own pooled acceptance (not the drafter's), and after ``explore_every``
     steps without a copy one row copies ``explore_k`` tokens again."""
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
@@ -716,19 +718,19 @@ def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_
     b = [40, 41, 42, 43]
     copied = [15, 16, 17, 30, 31, 11, 12, 13]
     lengths, tokens = _batch([a, b])
-    assert not proposer.costs.ready and proposer.propose([[a[-1]], [b[-1]]], lengths, tokens) == [copied, []]
+    k = CostAwareDraftLength.explore_k  # nothing measured yet: each copy cut to explore_k tokens
+    assert not proposer.costs.ready and proposer.propose([[a[-1]], [b[-1]]], lengths, tokens) == [copied[:k], []]
 
-    # vLLM accepts two of the copied tokens: 15 16, then emits 99 (and b its next token)
-    a2, b2 = a + [15, 16, 99], b + [44]
+    # vLLM accepts one of the two copied tokens: 15, then emits 99 (and b its next token)
+    a2, b2 = a + [15, 99], b + [44]
     lengths, tokens = _batch([a2, b2])
-    proposer.propose([[15, 16, 99], [44]], lengths, tokens)
+    proposer.propose([[15, 99], [44]], lengths, tokens)
     pooled = proposer.copy_acceptance
-    assert pooled.reached[:4].tolist() == [1, 1, 1, 0] and pooled.accepted[:4].tolist() == [1, 1, 0, 0]
+    assert pooled.reached[:3].tolist() == [1, 1, 0] and pooled.accepted[:3].tolist() == [1, 0, 0]
     assert proposer.acceptance.reached.sum() == 0  # the drafter's acceptance learnt nothing from copies
 
     def learnt(step_ms, per_token_ms, accepted):
-        proposer.costs.step.w = np.array([step_ms, per_token_ms]) / 1e3
-        proposer.costs.step.samples = 100
+        _learn_step_cost(proposer, step_ms, per_token_ms)
         pooled.reached[:], pooled.accepted[:] = 1000.0, 1000.0 * accepted
         pooled._rates = None
         proposer._copy_idle = 0
@@ -738,9 +740,15 @@ def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_
     learnt(10.0, 0.01, 0.95)
     assert proposer._cost_copies([copied, []]) == [copied, []]
     learnt(10.0, 10.0, 0.1)
-    every, k = CostAwareDraftLength.explore_every, CostAwareDraftLength.explore_k
+    every = CostAwareDraftLength.explore_every
     outcomes = [proposer._cost_copies([copied, [7]]) for _ in range(every)]
     assert all(o == [[], []] for o in outcomes[:-1]) and outcomes[-1] == [copied[:k], []]
+
+
+def _learn_step_cost(proposer, step_ms: float, per_token_ms: float) -> None:
+    """As if the proposer had learnt vLLM's step cost from 100 steps."""
+    proposer.costs.step.w = np.array([step_ms, per_token_ms]) / 1e3
+    proposer.costs.step.samples = 100
 
 
 @pytest.mark.parametrize("copy_rate, drafter_rate, a_copies", [(0.99, 0.3, True), (0.2, 0.9, False)])
@@ -766,6 +774,7 @@ def test_a_row_copies_instead_of_drafting_where_its_copy_promises_more(proposer_
 
     monkeypatch.setattr(proposer, "_policy", four_each)
     monkeypatch.setattr(proposer.path_proposer, "propose_contexts", recorded)
+    _learn_step_cost(proposer, 10.0, 0.01)  # tokens nearly free: a copy that wins is kept whole
     for pooled, rate in ((proposer.copy_acceptance, copy_rate), (proposer.acceptance, drafter_rate)):
         pooled.reached[:], pooled.accepted[:] = 1000.0, 1000.0 * rate
         pooled._rates = None

@@ -484,10 +484,12 @@ class DiffuSpecProposer:
         compute-bound step a token costs about what it would emit, so prose's copies, kept
         less often than code's, are cut there. Where nothing is allocated for
         ``explore_every`` steps in a row (and perfect copies would pay), one row copies
-        ``explore_k`` tokens, so the acceptance estimate follows a change of text. Uncut
-        until the step cost is learnt."""
-        if self.costs is None or not self.costs.ready or not any(copies):
+        ``explore_k`` tokens, so the acceptance estimate follows a change of text. Before
+        the step cost is learnt, each copy is cut to ``explore_k`` tokens."""
+        if self.costs is None or not any(copies):
             return copies
+        if not self.costs.ready:  # nothing measured yet: little, for every row (in 16 steps the cost is learnt)
+            return [c[: CostAwareDraftLength.explore_k] for c in copies]
         have = np.array([len(c) for c in copies])
         width = self.copy_acceptance.width
 
