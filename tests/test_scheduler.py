@@ -270,24 +270,26 @@ def test_step_cost_learns_a_line_and_skips_idle_gaps(tmp_path):
     assert costs.step_times(np.array([100]), np.array([8]), np.array([4]))[0] == pytest.approx(0.062, rel=0.02)
 
 
-def test_a_cold_packed_step_drafts_for_one_row_in_turn(tmp_path):
-    """Before vLLM's step cost is learnt, one row a step drafts its ADL length (the rows
-    with room in turn, as steps are seen), not every row: a pass over one row gives the
-    fit steps of different sizes. Once the cost is learnt, the policy decides for all."""
+def test_a_cold_packed_step_drafts_for_one_row_the_cheapest_to_start(tmp_path):
+    """Before vLLM's step cost is learnt, one row a step drafts its ADL length, not every
+    row: of the rows with room, the one whose draft costs least to start (the drafter has
+    its context cached), so after its first draft the same row again. Once the cost is
+    learnt, the policy decides for every row."""
     CostTable("p", verify={1: {1: 1.0}}, propose={r: {1: 0.0001, 8: 0.0001} for r in (1, 4, 8)}).save(
         tmp_path / "p.json")
     costs = StepCost(CostModel(None, None, tmp_path / "p.json"), min_samples=4)
     cfg = ADLConfig(policy="cost", k_min=2, k_max=8, k_init=5)
     room = torch.tensor([8, 0, 8, 8])
+    starts = [[0.5, 0.0, 0.3, 0.3], [0.5, 0.0, 0.0, 0.3], [0.5, 0.0, 0.0, 0.3], [0.0, 0.0, 0.1, 0.3]]
     chosen = []
-    for step in range(4):
+    for step, start in enumerate(starts):
         policy = make_policy(4, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8))
-        k = policy.next_k(RoundView(torch.ones(4, dtype=torch.bool), room))
+        k = policy.next_k(RoundView(torch.ones(4, dtype=torch.bool), room, torch.tensor(start, dtype=torch.float64)))
         j = int(torch.argmax(k))
         assert int((k > 0).sum()) == 1 and int(k[j]) == int(policy.caps.wanted()[j])  # one row, its ADL length
         chosen.append(j)
         costs.observe_step(4 + 5 * (step % 2), 0.01 + 0.001 * (4 + 5 * (step % 2)))
-    assert chosen == [0, 2, 3, 0]  # in turn, skipping the row without room
+    assert chosen == [2, 2, 2, 0]  # the cheapest start with room (row 1 has none; ties: the first)
     assert costs.ready
     acceptance = AcceptanceModel(8)
     acceptance.observe(np.full((1, 8), 100.0), np.full((1, 8), 99.0))  # drafts nearly always kept
@@ -526,3 +528,30 @@ def test_throughput_guard_follows_a_probe_that_finds_drafting_paying_now():
     guard.started(1, drafted=True)
     guard.finished(500, 1.0)   # the probe: drafting pays now
     assert guard.allow(1)      # and drafting runs at once
+
+
+@pytest.mark.parametrize("drafter_s, copy_s, want_drafter, want_copies", [
+    (0.052, 0.015, False, True),   # MT-Bench at 16 requests: the drafter's steps lose, copies win
+    (0.020, 0.030, True, False),   # the drafter's steps win, copy-only steps lose to plain ones
+])
+def test_copy_and_drafter_steps_are_guarded_apart(drafter_s, copy_s, want_drafter, want_copies):
+    """Steps with a drafter pass are measured against steps without one, copy-only steps
+    against plain ones: a fast copy step no longer lets a slow drafter run (in one guard its
+    rate hid the drafter's), and a slow copy step is stopped while the drafter runs on.
+    Steps of 16 rows: a drafter step emits 48 tokens, a copy step 20, a plain step 16 in 13 ms;
+    the policy asks for the drafter every other step, copies in the others."""
+    from diffuspec.guard import CopyAndDraftGuards
+
+    guards = CopyAndDraftGuards()
+    modes = []
+    for step in range(400):
+        drafter = step % 2 == 0 and guards.drafter.allow(16)
+        copies = not drafter and guards.copies.allow(16)
+        guards.started(16, drafter=drafter, copies=copies)
+        tokens, seconds = (48, drafter_s) if drafter else (20, copy_s) if copies else (16, 0.013)
+        guards.finished(tokens, seconds)
+        modes.append("drafter" if drafter else "copy" if copies else "plain")
+    last = modes[-100:]
+    assert last.count("drafter") > 40 if want_drafter else last.count("drafter") < 10
+    assert last.count("copy") > 40 if want_copies else last.count("copy") < 10
+    assert guards.forced_plain > 0

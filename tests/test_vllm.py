@@ -553,8 +553,9 @@ def _rows_swap(contexts: list[list[int]], drafts: list[list[int]], step: int):
 def test_drafter_prefix_cache_follows_the_request(pair):
     """With a prefix-causal drafter, each request's drafter keys/values ride in its state:
     after the first step a row feeds only its new tokens (whatever row it moved to), and
-    proposes what a pass over its whole context proposes."""
-    options = dict(k=6, k_min=1, k_init=4)
+    proposes what a pass over its whole context proposes. (The paper's ADL: every row drafts
+    in every step, where the cost policy's first steps draft for one row.)"""
+    options = dict(k=6, k_min=1, k_init=4, adl="paper")
     cached = DiffuSpecProposer(_fake_vllm_config(*pair, **options))
     full = DiffuSpecProposer(_fake_vllm_config(*pair, **options, drafter_cache=False))
     cached.load_model(None)
@@ -582,8 +583,8 @@ def test_steps_held_plain_keep_each_requests_state(proposer_pair):
     moved to, and a request that arrived during the hold starts afresh."""
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
     proposer.load_model(None)
-    allow = proposer.guard.allow
-    proposer.guard.allow = lambda rows: False  # this step drafts nothing: the next ones may be held
+    allow = proposer.guard.drafter.allow
+    proposer.guard.drafter.allow = lambda rows: False  # this step drafts nothing: the next ones may be held
     a, b = [5, 6, 7, 8, 9, 10], [20, 21, 22]
     lengths, tokens = _batch([a, b])
     assert proposer.propose([[10], [22]], lengths, tokens) == [[], []]
@@ -604,7 +605,7 @@ def test_steps_held_plain_keep_each_requests_state(proposer_pair):
         assert proposer.propose(sampled, lengths, tokens) == [[], []]
         assert len(proposer.states) == 2  # untouched: the states of a and b as the hold began
     assert proposer._held == held
-    proposer.guard.allow = allow
+    proposer.guard.drafter.allow = allow
     a, c = a + [99], c + [98]
     lengths, tokens = _batch([a, c])
     drafts = proposer.propose([[99], [98]], lengths, tokens)  # a full step: the policy decides again

@@ -52,7 +52,7 @@ from diffuspec import loading
 from diffuspec.config import DiffuSpecConfig
 from diffuspec.drafters import RowCache, load_drafter
 from diffuspec.cost import CostModel, StepCost
-from diffuspec.guard import ThroughputGuard
+from diffuspec.guard import CopyAndDraftGuards, ThroughputGuard
 from diffuspec.lattice import copied_drafts
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
 from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength, best_allocation, expected_tokens, position_outcomes
@@ -297,9 +297,10 @@ class DiffuSpecProposer:
         self.copy_acceptance = AcceptanceModel(self.settings.num_speculative_tokens)
         self._copy_idle = 0  # steps since copies were last allocated any token (see _cost_copies)
         self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
-        # Measured check of the policy: drafting continues only while drafting steps measure
-        # at least as many tokens/s as plain ones (diffuspec.guard).
-        self.guard = ThroughputGuard()
+        # Measured check of the policy: the drafter runs only while steps with its pass measure
+        # at least as many tokens/s as steps without it, and copies only while copy-only
+        # steps measure at least as many as plain ones (diffuspec.guard.CopyAndDraftGuards).
+        self.guard = CopyAndDraftGuards()
         self._last_start: float | None = None  # when the last step's proposal began
         self._last_profiled = 0.0              # the cost model's profiling seconds then
         # Steps held plain since the last full step, which drafted nothing (None: it drafted);
@@ -385,18 +386,19 @@ class DiffuSpecProposer:
         except Exception:
             self._failure("the drafter failed while the draft lengths were chosen (cost profiling); this step proposes no drafts", exc_info=True)
             k = torch.zeros(len(rows), dtype=torch.int64)
-        guarded, blocked = ThroughputGuard.applies(s.config), False
-        if int(k.max()) > 0 and guarded and not self.guard.allow(len(rows)):
-            k = torch.zeros_like(k)  # drafting measured slower than plain decoding at this batch size
-            blocked = True
+        guarded = ThroughputGuard.applies(s.config)
+        if int(k.max()) > 0 and guarded and not self.guard.drafter.allow(len(rows)):
+            k = torch.zeros_like(k)  # drafter steps measured slower than steps without its pass at this batch size
         # Copies from the context, for the rows the drafter skips and those whose copy promises
         # at least their draft (they then leave the drafter's pass)
-        drafting, copies = int(k.max()) > 0, None if blocked else self._copies(token_ids_cpu, rows, lengths, view.room, k)
+        copies = self._copies(token_ids_cpu, rows, lengths, view.room, k)
         if copies is not None:
             k = k.masked_fill(torch.tensor([len(c) > 0 for c in copies]), 0)
-            if not drafting and guarded and not self.guard.allow(len(rows)):  # a step that only copies
+            if int(k.max()) == 0 and guarded and not self.guard.copies.allow(len(rows)):  # a step that only copies
                 copies = None
-        self.guard.started(len(rows), drafted=int(k.max()) > 0 or copies is not None)
+        self.guard.started(len(rows), drafter=int(k.max()) > 0, copies=copies is not None)
+        if self.costs is not None and not self.costs.ready:
+            self.guard.discard()  # steps while the step cost is learnt draft little (one row, short copies): not samples
 
         path_len = torch.zeros(len(rows), dtype=torch.int64)
         new_gen_len = torch.zeros(len(rows), dtype=torch.int64)
@@ -434,7 +436,7 @@ class DiffuSpecProposer:
         measures as a plain one; the step-cost model learns from full steps only."""
         self._held += 1
         self.guard.discard()
-        self.guard.started(len(rows), drafted=False)
+        self.guard.started(len(rows), drafter=False, copies=False)
         self._last_start = t0
         self._count(drafts, rows, time.perf_counter() - t0)
         self._last_step = (len(rows), time.perf_counter())
