@@ -60,6 +60,7 @@ class AcceptanceModel:
         self.explore_after = CostAwareDraftLength.explore_every  # plain rounds before an exploratory draft
         self.plain_rounds = 0  # consecutive rounds (or vLLM steps) drafting nothing
         self.exploring = False  # the last draft was exploratory: its outcome sets the next interval
+        self.recheck = CostAwareDraftLength.recheck_every  # plain rounds between re-decisions (see skip_round)
 
     def rates(self) -> np.ndarray:  # [W] float
         """Per position, the pooled rate shrunk towards the rate of the position before it
@@ -183,11 +184,12 @@ class CostAwareDraftLength(DraftLengthPolicy):
     def skip_round(cls, pooled: AcceptanceModel) -> bool:
         """Count one more round of plain decoding without deciding again, where the last
         decision was plain decoding and no draft has taught anything since: until the next
-        re-check (every ``recheck_every`` rounds) or exploration. Returns whether it did; a
+        re-check (every ``pooled.recheck`` rounds: ``recheck_every``, which the vLLM proposer
+        lengthens while its re-checks keep finding nothing to draft or copy) or exploration. Returns whether it did; a
         caller that knows the outcome in advance (the vLLM proposer) may then skip the round's
         bookkeeping too."""
         n = pooled.plain_rounds
-        if n and n % cls.recheck_every and n < pooled.explore_after:
+        if n and n % pooled.recheck and n < pooled.explore_after:
             pooled.plain_rounds += 1
             return True
         return False
@@ -225,8 +227,10 @@ class CostAwareDraftLength(DraftLengthPolicy):
             # An exploratory draft, when the rates may be stale; not when drafting could not pay
             # even if every token were accepted (a busy batch: the costs decide, and they are measured).
             if pooled.plain_rounds > pooled.explore_after:
-                pooled.plain_rounds = 0
-                if int(self._best(np.ones(self.width), room, active, rows, start).max()) > 0:
+                if int(self._best(np.ones(self.width), room, active, rows, start).max()) == 0:
+                    pooled.plain_rounds = 1  # not even perfect drafts would pay: hold on (not a re-decision next round)
+                else:
+                    pooled.plain_rounds = 0
                     pooled.exploring = True
                     k = np.minimum(room, self.explore_k)
                     if self.costs.packed:  # vLLM: one row explores (the pooled rates learn from it as

@@ -616,6 +616,42 @@ def test_steps_held_plain_keep_each_requests_state(proposer_pair):
     assert state["c"].policy != pytest.approx(marked)
 
 
+def test_holds_lengthen_while_rechecks_find_nothing(proposer_pair):
+    """While every re-check finds nothing to draft or copy (the drafter measured slower,
+    no repeats in the context), the steps held plain between re-checks double from
+    ``recheck_every`` up to ``max_recheck``; a step that drafts or copies again resets it."""
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
+    proposer.load_model(None)
+    proposer.guard.drafter.allow = lambda rows: False  # the drafter measured slower than plain steps
+    full, real = [], proposer._policy
+
+    def counted(prev, emitted):
+        full.append(step)
+        return real(prev, emitted)
+
+    proposer._policy = counted
+    _learn_step_cost(proposer, 10.0, 10.0)  # a verified token costs a whole step: drafting cannot pay
+    rng = np.random.default_rng(1)
+    a = rng.permutation(np.arange(100, 400))[:6].tolist()  # no token repeats: nothing to copy
+    for step in range(200):
+        lengths, tokens = _batch([a])
+        assert proposer.propose([[a[-1]]], lengths, tokens) == [[]]
+        a = a + [int(400 + step)]
+    gaps = np.diff(full)
+    assert gaps.max() <= DiffuSpecProposer.max_recheck and (gaps[-3:] >= DiffuSpecProposer.max_recheck // 2).all()
+    assert len(full) < 200 // CostAwareDraftLength.recheck_every  # fewer full steps than a fixed interval gives
+    assert proposer.acceptance.recheck == DiffuSpecProposer.max_recheck
+    _learn_step_cost(proposer, 10.0, 0.01)  # tokens nearly free: a copy pays
+    phrase = [7, 8, 9, 10]  # now the context repeats a phrase: the next re-check copies, and resets the interval
+    a = a + phrase + [11] + phrase[:3]
+    for _ in range(DiffuSpecProposer.max_recheck + 1):
+        lengths, tokens = _batch([a])
+        if proposer.propose([[a[-1]]], lengths, tokens) != [[]]:
+            break
+        a = a + [500]
+    assert proposer.acceptance.recheck == CostAwareDraftLength.recheck_every
+
+
 def test_a_requests_first_draft_runs_in_a_pass_of_its_own(pair):
     """A request whose drafter cache is cold (its first draft encodes its prompt) is
     proposed apart from requests that feed only their newest tokens, so it does not make
