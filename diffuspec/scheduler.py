@@ -185,9 +185,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
         """Count one more round of plain decoding without deciding again, where the last
         decision was plain decoding and no draft has taught anything since: until the next
         re-check (every ``pooled.recheck`` rounds: ``recheck_every``, which the vLLM proposer
-        lengthens while its re-checks keep finding nothing to draft or copy) or exploration. Returns whether it did; a
-        caller that knows the outcome in advance (the vLLM proposer) may then skip the round's
-        bookkeeping too."""
+        lengthens while its re-checks keep finding nothing to draft or copy) or exploration.
+        Returns whether it did; a caller that knows the outcome in advance (the vLLM proposer)
+        may then skip the round's bookkeeping too."""
         n = pooled.plain_rounds
         if n and n % pooled.recheck and n < pooled.explore_after:
             pooled.plain_rounds += 1
