@@ -212,12 +212,11 @@ class CostAwareDraftLength(DraftLengthPolicy):
         if rows < self.paper_below and pooled.greedy:  # adl="auto": where the paper's ADL measured best
             return torch.from_numpy(room.astype(np.int64))
         self.costs.ensure(rows)
+        start = None if view.start_cost is None else view.start_cost.numpy()
         if not self.costs.ready:  # no measurements yet (vLLM learns its step cost as it serves): the ADL's k
             if self.costs.packed:  # ...for one row a step: see cold_row
-                start = None if view.start_cost is None else view.start_cost.numpy()
                 room = np.where(np.arange(self.rows) == self.cold_row(room, start), room, 0)
             return torch.from_numpy(room.astype(np.int64))
-        start = None if view.start_cost is None else view.start_cost.numpy()
         k = self._best(pooled.rates(), room, active, rows, start)
         if int(k.max()) == 0:
             if pooled.exploring:  # what the exploratory draft taught did not make drafting pay
