@@ -245,6 +245,8 @@ METHODS: dict[str, Callable] = {
     "diffuspec-tree-retrieval": _engine_method(tree={"enabled": True}, retrieval={"enabled": True}),
     # the same without the throughput guard: what drafting every round gives (ablations)
     "diffuspec-noguard": _engine_method(throughput_guard=False),
+    # copy rounds off: rounds the drafter does not run decode plainly instead of verifying copies
+    "diffuspec-nocopy": _engine_method(retrieval={"copy_rounds": False}),
     "diffuspec-tree-noguard": _engine_method(tree={"enabled": True}, retrieval={"enabled": False},
                                              throughput_guard=False),
     # the drafter in a Ray actor, without and with pre-drafting (pip install ray)

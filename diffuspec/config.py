@@ -70,6 +70,13 @@ class RetrievalConfig:
     # Their drafter-side weight: a copied token enters with log q = log(prior) (a token the
     # drafter already proposes keeps the larger of the two).
     prior: float = 0.3
+    # Where a round would decode plainly (the policy or the throughput guard keeps the
+    # drafter from running), verify the rows' copies instead: prompt-lookup drafts with no
+    # drafter pass, cut to the length that pays by their own acceptance and the verify cost,
+    # and only while such rounds measure at least as fast as plain ones (the engine's copy
+    # rounds; vLLM's proposer copies for the rows it does not draft). Needs the "auto" or
+    # "cost" policy (the cost model prices a copy).
+    copy_rounds: bool = True
 
     def __post_init__(self) -> None:
         _check(1 <= self.min_match <= self.max_match <= 8,

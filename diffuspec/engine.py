@@ -27,18 +27,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .config import DiffuSpecConfig, SamplingParams
 from .detokenize import Decode, StopFinder
 from .drafters.base import DiffusionDrafter
-from .guard import ThroughputGuard
+from .guard import CopyAndDraftGuards, ThroughputGuard
 from .kvcache import RaggedKVCache
 from .cost import CostModel
 from .policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
+from .lattice import copied_drafts
 from .propose import PathProposer, Proposal
 from .proxy import NGramModel
-from .scheduler import AcceptanceModel
+from .scheduler import AcceptanceModel, CopyLengths
 from .stats import GenerationStats
 from .target import PASS_TOKENS, TargetRunner, prefill_passes
 
@@ -72,13 +74,15 @@ class Batch:
     active_cpu: torch.Tensor    # [B] bool (CPU): rows still generating
     runner: TargetRunner        # the target's KV cache: each row's tokens but its newest one
     policy: DraftLengthPolicy | None
-    guard: ThroughputGuard | None  # the measured check on the policy (kept by the engine per regime)
+    guard: CopyAndDraftGuards | None  # the measured checks on drafting and copying (kept by the engine per regime)
+    copies: CopyLengths | None  # how much of each row's copy from its context to verify (None: no copy rounds)
     draft_state: object | None  # the proposer's per-generation state (drafter prefix cache)
     prefill: int                # prompt columns the next verify pass feeds first (0: none)
     prefilled: bool             # whether the last verify pass carried a prefill
     seed: int                   # the uniforms of sampled tokens: position_uniforms(seed, prompt index, position)
     requests: list[RequestOutput]  # per row
     waiting: list[int]          # prompt indices not admitted yet, in order
+    copying: bool = False       # the last round verified copies (the next one is not held plain)
 
     @property
     def rows(self) -> int:
@@ -114,7 +118,8 @@ class SpeculativeEngine:
             proposer = PathProposer(drafter, config, eos_token_id, emit_vocab, proxy_table)
         self.proposer = proposer
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
-        self.guards: dict[tuple, ThroughputGuard] = {}  # per decoding regime, see _guard
+        self.guards: dict[tuple, CopyAndDraftGuards] = {}  # per decoding regime, see _guard
+        self.copy_lengths: dict[tuple, CopyLengths] = {}  # per decoding regime, see _copies
         self.drafter_failures = 0  # proposals that raised (each round decoded without drafts)
         self.costs = None  # the cost model of the "cost" policy, built when first needed
         # Conditional acceptance per draft position, pooled over every request this engine
@@ -162,8 +167,8 @@ class SpeculativeEngine:
             with torch.inference_mode():  # per round: the caller's code between rounds runs as it would
                 self._admit(batch, prompts, outputs)
                 t0, profiled = time.perf_counter(), self._profile_seconds()
-                k = self._draft_lengths(batch)
-                proposal = self._propose(batch, k)
+                k, held = self._draft_lengths(batch)
+                proposal = self._propose(batch, k, held)
                 t_verify = time.perf_counter()
                 n_acc, next_token, accepted_path = self._verify(batch, proposal)
                 host = self._commit(batch, accepted_path, proposal, n_acc, next_token)
@@ -187,7 +192,7 @@ class SpeculativeEngine:
         return Batch(params=params, capacity=capacity, tokens=torch.zeros(0, capacity, dtype=torch.int64, device=dev),
                      lengths=empty.to(dev), lengths_cpu=empty, active_cpu=torch.zeros(0, dtype=torch.bool),
                      runner=TargetRunner(self.target, 0, capacity),
-                     policy=policy, guard=self._guard(params, policy),
+                     policy=policy, guard=self._guard(params, policy), copies=self._copy_lengths(params),
                      draft_state=self.proposer.new_state(0, capacity) if self.speculating else None,
                      prefill=0, prefilled=False, seed=seed, requests=[], waiting=list(range(len(prompts))))
 
@@ -258,16 +263,30 @@ class SpeculativeEngine:
         batch.requests = [batch.requests[i] for i in keep.tolist()]
 
     # ------------------------------------------------------------------ the round's steps
-    def _guard(self, params: SamplingParams, policy: DraftLengthPolicy | None) -> ThroughputGuard | None:
-        """The measured check on the policy for this decoding regime (greedy, or each
-        temperature / top-k / top-p): drafting rounds must measure at least as many tokens
-        per second as plain ones (diffuspec.guard). Kept across calls."""
+    def _guard(self, params: SamplingParams, policy: DraftLengthPolicy | None) -> CopyAndDraftGuards | None:
+        """The measured checks on the policy for this decoding regime (greedy, or each
+        temperature / top-k / top-p): rounds with a drafter pass must measure at least as
+        many tokens per second as plain rounds, and rounds that verify copies at least as
+        many as plain ones too (diffuspec.guard). Kept across calls."""
         if policy is None or not ThroughputGuard.applies(self.config):
             return None
         regime = ("greedy",) if params.greedy else (params.temperature, params.top_k, params.top_p)
         if regime not in self.guards:
-            self.guards[regime] = ThroughputGuard(plain_prior=self._plain_step_time)
+            self.guards[regime] = CopyAndDraftGuards(drafter=ThroughputGuard(plain_prior=self._plain_step_time),
+                                                     copies=ThroughputGuard(plain_prior=self._plain_step_time),
+                                                     copies_replace_drafter=False)
         return self.guards[regime]
+
+    def _copy_lengths(self, params: SamplingParams) -> CopyLengths | None:
+        """The copies' acceptance and length rule for this decoding regime (kept across
+        calls), where rounds may copy: retrieval and its copy rounds on, a local proposer
+        (it holds the compiled context search) and the cost model (it prices a copy)."""
+        r = self.config.retrieval
+        if not (self.speculating and r.enabled and r.copy_rounds and self.costs is not None
+                and isinstance(self.proposer, PathProposer)):
+            return None
+        regime = (round(params.temperature, 2), params.top_k, params.top_p)
+        return self.copy_lengths.setdefault(regime, CopyLengths(self.config.adl.k_max))
 
     def _profile_seconds(self) -> float:
         """Seconds the cost model has spent profiling: a round that profiled is timed without them."""
@@ -278,29 +297,69 @@ class SpeculativeEngine:
         self.costs.ensure(rows)
         return self.costs.round_time(rows, 0)
 
-    def _draft_lengths(self, batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
+    def _draft_lengths(self, batch: Batch) -> tuple[torch.Tensor, bool]:  # [B] int64 (CPU), held
         """Each row's k: the policy's choice, at most the tokens the row may still emit − 1;
-        none where the throughput guard measured drafting slower than plain rounds."""
-        if batch.policy is None or batch.policy.holds_plain():
+        none where the throughput guard measured drafter rounds slower than plain rounds.
+        ``held``: a plain round the policy decided in advance (no copies either)."""
+        zeros = torch.zeros(batch.rows, dtype=torch.int64)
+        if batch.policy is None or (not batch.copying and batch.policy.holds_plain()):
             # Plain decoding, held by the policy between its decisions: as cheap as a round
             # without a drafter (not a guard sample; the guard has plain's rate already).
-            return torch.zeros(batch.rows, dtype=torch.int64)
+            return zeros, True
         guard = batch.guard
-        if guard is not None and not guard.allow(batch.rows):
-            # Measured slower than plain rounds here: a plain round, as cheap as one without a
-            # drafter (the policy is not consulted and learns nothing from it).
-            guard.started(batch.rows, drafted=False)
-            return torch.zeros(batch.rows, dtype=torch.int64)
+        if guard is not None and not guard.drafter.allow(batch.rows):
+            # Measured slower than plain rounds here: no drafter pass (the policy is
+            # not consulted and learns nothing from it); the round may still copy.
+            return zeros, False
         emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
         room = batch.params.max_new_tokens - emitted - 1
-        k = batch.policy.next_k(RoundView(active=batch.active_cpu, room=room))
-        if guard is not None:
-            guard.started(batch.rows, drafted=int(k.max()) > 0)
-        return k
+        return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room)), False
 
-    def _propose(self, batch: Batch, k: torch.Tensor) -> Proposal:
-        if int(k.max()) == 0:
-            return Proposal.empty(batch.rows, self.device)
+    def _propose(self, batch: Batch, k: torch.Tensor, held: bool) -> Proposal:
+        """The drafter's proposal for rows with k > 0; where no row drafts and the round is
+        not held plain, copies from the rows' contexts (:meth:`_copies`), if any pay."""
+        drafter = int(k.max()) > 0
+        proposal = self._draft(batch, k) if drafter else self._copies(batch) if not held else None
+        batch.copying = proposal is not None and proposal.copied
+        if batch.guard is not None and not held:
+            batch.guard.started(batch.rows, drafter=drafter, copies=batch.copying)
+        return proposal if proposal is not None else Proposal.empty(batch.rows, self.device)
+
+    def _copies(self, batch: Batch) -> Proposal | None:
+        """A round that verifies copies instead of decoding plainly: each row's prompt-lookup
+        draft (what followed the latest earlier occurrence of its last tokens,
+        :func:`~diffuspec.lattice.copied_drafts`; a compiled scan of the context, no pass),
+        cut to the length that pays by the copies' own acceptance and the verify cost
+        (:class:`~diffuspec.scheduler.CopyLengths`), while the guard measures such rounds at
+        least as fast as plain ones. Where the drafter does not pay (prose it drafts badly, a
+        batch too busy for its pass), copying still can: the text repeats itself. None when
+        no row has a copy that pays."""
+        if batch.copies is None:
+            return None
+        t0 = time.perf_counter()
+        rows, width = batch.rows, batch.copies.acceptance.width
+        emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
+        room = (batch.params.max_new_tokens - emitted - 1).clamp(0, width).numpy()
+        if batch.policy.budget is not None:  # an explicit verify budget holds for copies too
+            room = np.minimum(room, max(batch.policy.budget // rows - 1, 0))
+        lengths = batch.lengths_cpu.numpy()
+        host = batch.tokens[:, : int(lengths.max())].cpu().numpy()
+        copies = copied_drafts(self.proposer.continuations(host, lengths, width), room)
+        have = np.array([len(c) for c in copies], dtype=np.int64)
+        if not have.any():
+            return None
+        self.costs.ensure(rows)
+        keep = batch.copies.cut(have, lambda kmax: self.costs.round_times(rows, kmax, propose=False), packed=False)
+        if not keep.any() or (batch.guard is not None and not batch.guard.copies.allow(rows)):
+            return None
+        path = np.zeros((rows, int(keep.max())), np.int64)
+        for j, (copy, n) in enumerate(zip(copies, keep.tolist())):
+            path[j, :n] = copy[:n]
+        path_len = torch.from_numpy(keep).to(self.device)
+        return Proposal(torch.from_numpy(path).clamp(0, self.emit_vocab - 1).to(self.device), path_len,
+                        torch.zeros_like(path_len), 0.0, time.perf_counter() - t0, copied=True)
+
+    def _draft(self, batch: Batch, k: torch.Tensor) -> Proposal:
         try:
             return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
         except Exception:  # a drafter fault costs this round's drafts, never the requests
@@ -403,6 +462,8 @@ class SpeculativeEngine:
             guard.finished(sum(row[0] for row in rows) + len(rows), time.perf_counter() - t0 - profiled)
         batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
+        if proposal.copied:  # copies teach the drafter's policy nothing: their own acceptance
+            batch.copies.observe(path_len.numpy(), n_cpu.numpy())
         if batch.policy is not None and int(k.max()) > 0:  # a plain round teaches a policy nothing
             batch.policy.observe(RoundOutcome(k=k, generated=gen_len, drafted=path_len, accepted=n_cpu,
                                               time_propose=t_draft + t_search,
@@ -414,7 +475,8 @@ class SpeculativeEngine:
         for i, (row, ki) in enumerate(zip(rows, k.tolist())):
             req = batch.requests[i]
             n = row[0]
-            req.stats.observe_round(ki, row[1], n, t_draft, t_search, t_verify, t_other)
+            req.stats.observe_round(row[1] if proposal.copied else ki, row[1], n, t_draft, t_search, t_verify, t_other)
+            req.stats.copied_rounds += int(proposal.copied and row[1] > 0)
             if hit is not None and ki > 0:
                 req.stats.predraft_hits += int(hit[i])
                 req.stats.predraft_misses += 1 - int(hit[i])

@@ -41,6 +41,7 @@ class Proposal:
     # [B] bool (CPU): rows whose path was pre-drafted while the last round verified (Ray, pipelined)
     predraft_hit: torch.Tensor | None = None
     tree: DraftTree | None = None  # the draft tree around the path, when the config asks for one
+    copied: bool = False  # the path was copied from the rows' contexts, not drafted (no drafter pass)
 
     @classmethod
     def empty(cls, rows: int, device: torch.device) -> "Proposal":

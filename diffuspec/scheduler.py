@@ -296,3 +296,54 @@ class CostAwareDraftLength(DraftLengthPolicy):
 
     def load_rows(self, rows: list[dict | None]) -> None:
         self.caps.load_rows(rows)
+
+
+class CopyLengths:
+    """How much of each row's copy from its own context to verify (a prompt-lookup draft:
+    :func:`~diffuspec.lattice.copied_drafts`, no drafter pass): the length that maximises
+    the round's expected tokens per second, from the copies' own pooled acceptance per
+    position (kept apart from the drafter's: how often a copy is kept depends on the text
+    far more than a draft does) and the measured cost of verifying them. Shared by the
+    engine, whose rounds pad rows to the longest draft (one length K, each copy cut to it:
+    :func:`best_length`), and the vLLM proposer, whose steps are packed (per-row lengths:
+    :func:`best_allocation`). Where nothing is kept ``explore_every`` calls in a row, yet
+    perfect copies would pay, one row copies ``explore_k`` tokens, so the estimate follows
+    a change of text."""
+
+    def __init__(self, width: int) -> None:
+        self.acceptance = AcceptanceModel(width)
+        self.idle = 0  # calls since copies were last given any token
+
+    def cut(self, have: np.ndarray, times, packed: bool) -> np.ndarray:  # [R] int64
+        """Tokens to verify of each row's copy of ``have [R]`` tokens (0: none). ``times``:
+        packed, ``times(tokens [N], kmax [N], drafting [N]) -> [N]`` seconds of a step (see
+        :func:`best_allocation`); padded, ``times(kmax) -> [kmax + 1]`` seconds of a round
+        verifying 0..kmax tokens a row."""
+        keep = self._best(self.acceptance.rates(), have, times, packed)
+        if keep.any():
+            self.idle = 0
+            return keep
+        self.idle += 1
+        if self.idle >= CostAwareDraftLength.explore_every and \
+                self._best(np.ones(self.acceptance.width), have, times, packed).any():
+            self.idle = 0
+            j = int(np.argmax(have))
+            keep[j] = min(int(have[j]), CostAwareDraftLength.explore_k)
+        return keep
+
+    def _best(self, rates: np.ndarray, have: np.ndarray, times, packed: bool) -> np.ndarray:
+        width = self.acceptance.width
+        have = np.minimum(have, width)
+        rates = np.broadcast_to(rates[None, :width], (len(have), width))
+        if packed:
+            return best_allocation(rates.cumprod(1), have, times)
+        k = best_length(expected_tokens(rates), have, times(int(have.max())))
+        return np.minimum(have, k).astype(np.int64)
+
+    def observe(self, copied: np.ndarray, accepted: np.ndarray) -> None:  # [R] each
+        """A round's copies (``copied`` tokens a row, 0: none) and how many were accepted."""
+        if not copied.any():
+            return
+        reached, acc = position_outcomes(copied, np.minimum(accepted, copied), self.acceptance.width)
+        mask = (copied > 0)[:, None]
+        self.acceptance.observe(reached * mask, acc * mask)

@@ -52,6 +52,9 @@ class GenerationStats:
     # the previous round verified (ready at once), and those drafted anew
     predraft_hits: int = 0
     predraft_misses: int = 0
+    # rounds whose draft was copied from the request's own context (no drafter pass; the
+    # engine's copy rounds, diffuspec.engine.SpeculativeEngine._copies)
+    copied_rounds: int = 0
 
     def observe_round(self, k: int, drafted: int, accepted: int, time_draft: float, time_search: float,
                       time_verify: float, time_other: float) -> None:

@@ -14,7 +14,8 @@ from diffuspec.config import ADLConfig
 from diffuspec.cost import CostModel, CostTable, StepCost
 from diffuspec.engine import SpeculativeEngine
 from diffuspec.policy import RoundOutcome, RoundView, make_policy
-from diffuspec.scheduler import AcceptanceModel, best_allocation, best_length, expected_tokens, position_outcomes
+from diffuspec.scheduler import (AcceptanceModel, CopyLengths, CostAwareDraftLength, best_allocation, best_length,
+                                 expected_tokens, position_outcomes)
 
 
 class TableCosts:
@@ -555,3 +556,88 @@ def test_copy_and_drafter_steps_are_guarded_apart(drafter_s, copy_s, want_drafte
     assert last.count("drafter") > 40 if want_drafter else last.count("drafter") < 10
     assert last.count("copy") > 40 if want_copies else last.count("copy") < 10
     assert guards.forced_plain > 0
+
+
+def test_copies_are_cut_to_what_pays():
+    """CopyLengths on a padded round of two rows, one copy of 6 tokens and one of 3. Cheap
+    tokens (a round costs 1 + 0.01·K) and copies kept 95% of the time: the whole copies.
+    A token costs half a round (1 + 0.5·K) and copies are kept 10% of the time: E(1) =
+    2 + 0.1 + 0.1 tokens in 1.5 s against 2 in 1 s: none. Perfect copies would pay there
+    (K = 1: 4 tokens in 1.5 s), so after ``explore_every`` calls that kept nothing, the
+    longest copy explores ``explore_k`` tokens."""
+    cut = CopyLengths(8)
+    pooled = cut.acceptance
+    have = np.array([6, 3])
+    cheap = lambda kmax: 1.0 + 0.01 * np.arange(kmax + 1)  # noqa: E731
+    dear = lambda kmax: 1.0 + 0.5 * np.arange(kmax + 1)    # noqa: E731
+    pooled.reached[:], pooled.accepted[:], pooled._rates = 1000.0, 950.0, None
+    assert cut.cut(have, cheap, packed=False).tolist() == [6, 3]
+    pooled.accepted[:], pooled._rates = 100.0, None
+    outcomes = [cut.cut(have, dear, packed=False).tolist() for _ in range(CostAwareDraftLength.explore_every)]
+    assert all(o == [0, 0] for o in outcomes[:-1])
+    assert outcomes[-1] == [CostAwareDraftLength.explore_k, 0]
+    # what a round of copies teaches: the first row kept 2 of 6, the second all 3
+    fresh = CopyLengths(8)
+    fresh.observe(np.array([6, 3]), np.array([2, 3]))
+    assert fresh.acceptance.reached[:4].tolist() == [2, 2, 2, 0] and fresh.acceptance.accepted[:4].tolist() == [2, 2, 1, 0]
+
+
+def test_copy_rounds_verify_the_context_where_the_drafter_does_not_run(tiny_target, tiny_pair, tmp_path,
+                                                                       monkeypatch):
+    """A drafter pass far too dear to pay (100 s) and cheap verified tokens: the cost policy
+    never drafts, and the rounds that are not held plain verify copies from the context
+    instead (prompt-lookup drafts, no pass). Greedy output is the target's own, and seeded
+    sampling draws exactly what plain decoding draws with the same seed; the copies teach
+    their own acceptance, not the drafter's. ``copy_rounds=False`` restores plain rounds."""
+    from diffuspec.drafters import load_drafter
+
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path))
+    model, tok = tiny_target
+    dear = CostTable("dear", verify={r: {w: 0.01 + 0.0001 * w for w in (1, 33)} for r in (1, 64)},
+                     propose={r: {k: 100.0 for k in (1, 32)} for r in (1, 64)})
+    dear.save(tmp_path / "dear.json")
+    prompts = [tok(p)["input_ids"] for p in ["x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n", "def f(x):\n    return x\n" * 3]]
+
+    def engine(**kw):
+        cfg = DiffuSpecConfig.from_kwargs(adl="cost", cost_table=str(tmp_path / "dear.json"), **kw)
+        return SpeculativeEngine(model, load_drafter(tiny_pair[1]), cfg, None, emit_vocab=model.config.vocab_size)
+
+    copying = engine()
+    outs = copying.generate(prompts, SamplingParams(max_new_tokens=48))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 48, None)
+        assert o.stats.time_draft == 0.0  # the drafter never ran
+    assert sum(o.stats.copied_rounds for o in outs) > 0
+    assert sum(sum(o.stats.accepted) for o in outs) > 0  # and some copied tokens were kept
+    regime = (0.0, None, None)
+    assert copying.acceptance[regime].reached.sum() == 0 and copying.copy_lengths[regime].acceptance.reached.sum() > 0
+    sampled = SamplingParams(max_new_tokens=48, temperature=0.7, seed=3)
+    plain = engine(speculate=False).generate(prompts, sampled)
+    assert [o.token_ids for o in copying.generate(prompts, sampled)] == [o.token_ids for o in plain]
+    off = engine(retrieval={"copy_rounds": False}).generate(prompts, SamplingParams(max_new_tokens=48))
+    assert [o.token_ids for o in off] == [o.token_ids for o in outs]
+    assert all(o.stats.copied_rounds == 0 and set(o.stats.drafted) == {0} for o in off)
+
+
+@pytest.mark.parametrize("copies_replace_drafter, want_drafter", [(True, False), (False, True)])
+def test_engine_compares_the_drafter_with_plain_rounds_only(copies_replace_drafter, want_drafter):
+    """In our engine a round copies only where no row drafts, i.e. where the text repeats,
+    so a copy round's rate is no measure of the rounds the drafter takes: there the drafter
+    is compared with plain rounds alone (``copies_replace_drafter=False``). Rounds of 16
+    rows: a drafter round emits 48 tokens in 30 ms (1600 tokens/s), a copy round 20 in
+    10 ms (2000), a plain one 16 in 13 ms (1231). Counting copy rounds as the drafter's
+    alternative stops the drafter; against plain rounds it runs."""
+    from diffuspec.guard import CopyAndDraftGuards
+
+    guards = CopyAndDraftGuards(copies_replace_drafter=copies_replace_drafter)
+    modes = []
+    for step in range(400):
+        drafter = step % 2 == 0 and guards.drafter.allow(16)
+        copies = not drafter and guards.copies.allow(16)
+        guards.started(16, drafter=drafter, copies=copies)
+        tokens, seconds = (48, 0.030) if drafter else (20, 0.010) if copies else (16, 0.013)
+        guards.finished(tokens, seconds)
+        modes.append("drafter" if drafter else "copy" if copies else "plain")
+    last = modes[-100:]
+    assert last.count("drafter") > 40 if want_drafter else last.count("drafter") < 10
+    assert last.count("copy") > 20

@@ -770,7 +770,7 @@ def test_copies_are_costed_against_the_step_and_learn_their_acceptance(proposer_
         _learn_step_cost(proposer, step_ms, per_token_ms)
         pooled.reached[:], pooled.accepted[:] = 1000.0, 1000.0 * accepted
         pooled._rates = None
-        proposer._copy_idle = 0
+        proposer.copy_lengths.idle = 0
 
     learnt(10.0, 10.0, 0.1)
     assert proposer._cost_copies([copied, []]) == [[], []]

@@ -55,7 +55,7 @@ from diffuspec.cost import CostModel, StepCost
 from diffuspec.guard import CopyAndDraftGuards, ThroughputGuard
 from diffuspec.lattice import copied_drafts
 from diffuspec.policy import DraftLengthPolicy, RoundOutcome, RoundView, make_policy
-from diffuspec.scheduler import AcceptanceModel, CostAwareDraftLength, best_allocation, expected_tokens, position_outcomes
+from diffuspec.scheduler import AcceptanceModel, CopyLengths, CostAwareDraftLength, expected_tokens
 from diffuspec.propose import PathProposer, pad_contexts
 
 # A child of vLLM's logger, so records use vLLM's handlers and format.
@@ -296,8 +296,7 @@ class DiffuSpecProposer:
         self.acceptance = AcceptanceModel(cfg.adl.k_max)
         # Copies (_copies) are costed as drafts are, from their own pooled acceptance: what
         # followed an earlier occurrence of a phrase is kept far more often in code than in prose.
-        self.copy_acceptance = AcceptanceModel(self.settings.num_speculative_tokens)
-        self._copy_idle = 0  # steps since copies were last allocated any token (see _cost_copies)
+        self.copy_lengths = CopyLengths(self.settings.num_speculative_tokens)
         self._last_step: tuple[int, float] | None = None  # (tokens asked of the next step, when)
         # Measured check of the policy: the drafter runs only while steps with its pass measure
         # at least as many tokens/s as steps without it, and copies only while copy-only
@@ -488,48 +487,33 @@ class DiffuSpecProposer:
         return (copy_len > 0) & (expected(self.copy_acceptance.rates(), copy_len) >=
                                  expected(self.acceptance.rates(), k))
 
+    @property
+    def copy_acceptance(self) -> AcceptanceModel:
+        """The copies' pooled acceptance per position (apart from the drafter's)."""
+        return self.copy_lengths.acceptance
+
     def _cost_copies(self, copies: list[list[int]]) -> list[list[int]]:
         """Each row's copy cut to the length that maximises the step's expected tokens per
-        second (:func:`~diffuspec.scheduler.best_allocation`, as the policy allocates drafted
-        tokens): the pooled acceptance of earlier copies per position against vLLM's learnt
-        step cost, which a copy adds to by its tokens and nothing else (no pass). On a busy
-        compute-bound step a token costs about what it would emit, so prose's copies, kept
-        less often than code's, are cut there. Where nothing is allocated for
-        ``explore_every`` steps in a row (and perfect copies would pay), one row copies
-        ``explore_k`` tokens, so the acceptance estimate follows a change of text. Before
-        the step cost is learnt, each copy is cut to ``explore_k`` tokens."""
+        second (:class:`~diffuspec.scheduler.CopyLengths` over vLLM's learnt step cost, which
+        a copy adds to by its tokens and nothing else: no pass). On a busy compute-bound step
+        a token costs about what it would emit, so prose's copies, kept less often than
+        code's, are cut there. Before the step cost is learnt, each copy is cut to
+        ``explore_k`` tokens."""
         if self.costs is None or not any(copies):
             return copies
         if not self.costs.ready:  # nothing measured yet: little, for every row (in 16 steps the cost is learnt)
             return [c[: CostAwareDraftLength.explore_k] for c in copies]
-        have = np.array([len(c) for c in copies])
-        width = self.copy_acceptance.width
 
         def times(tokens, kmax, drafting):  # a step of that many tokens, no proposal
             return self.costs.step_times(tokens, np.zeros_like(kmax), np.zeros_like(drafting))
 
-        survive = np.broadcast_to(np.cumprod(self.copy_acceptance.rates())[None, :], (len(copies), width))
-        keep = best_allocation(survive, have, times)
-        if keep.any():
-            self._copy_idle = 0
-        else:
-            self._copy_idle += 1
-            if self._copy_idle >= CostAwareDraftLength.explore_every and \
-                    best_allocation(np.ones((len(copies), width)), have, times).any():
-                self._copy_idle = 0
-                j = int(np.argmax(have))
-                keep[j] = min(int(have[j]), CostAwareDraftLength.explore_k)
+        keep = self.copy_lengths.cut(np.array([len(c) for c in copies]), times, packed=True)
         return [c[:n] for c, n in zip(copies, keep.tolist())]
 
     def _observe_copies(self, prev: list[RequestState | None], emitted: np.ndarray) -> None:
         """Last step's copies and how many of their tokens vLLM accepted (``emitted - 1``),
         into the copies' pooled acceptance."""
-        copied = np.array([p.copied if p is not None else 0 for p in prev])
-        if not copied.any():
-            return
-        reached, accepted = position_outcomes(copied, np.minimum(emitted - 1, copied), self.copy_acceptance.width)
-        mask = (copied > 0)[:, None]
-        self.copy_acceptance.observe(reached * mask, accepted * mask)
+        self.copy_lengths.observe(np.array([p.copied if p is not None else 0 for p in prev]), emitted - 1)
 
     def _uncached(self, prev: list[RequestState | None], lengths: np.ndarray) -> np.ndarray:  # [R] int64
         """Context tokens each row's drafter pass would encode beyond its prefix cache (the
