@@ -122,7 +122,7 @@ class ADLConfig:
     # paper's adaptive draft length (§3.3) under verify_budget; "fixed", k_init every round;
     # "cost", the draft length that maximises expected tokens/s from measured costs, each
     # request capped by its ADL (diffuspec.scheduler); "auto", "paper" for greedy batches of
-    # fewer than 16 rows and "cost" otherwise (sampling, big batches, vLLM), where each
+    # 2 to 15 rows and "cost" otherwise (one row, sampling, big batches, vLLM), where each
     # measured best (docs/architecture.md §6).
     policy: str = "auto"
     # EMA rate ρ for the generated / accepted lengths (paper: 0.5).

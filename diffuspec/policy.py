@@ -31,8 +31,10 @@ import torch
 from .config import ADLConfig
 
 CPU_VERIFY_BUDGET = 48  # tokens a CPU round verifies over the batch, by default (see ADLConfig.verify_budget)
-# adl="auto": greedy batches of fewer rows than this take the paper's ADL (with the verify
-# budget), the rest the cost model; measured on the 2-core EPYC (docs/architecture.md §6).
+# adl="auto": greedy batches of AUTO_PAPER_ROWS up to fewer than AUTO_COST_ROWS rows take the
+# paper's ADL (with the verify budget), the rest (one row, big batches, sampling) the cost
+# model; measured on the 2-core EPYC (docs/architecture.md §6).
+AUTO_PAPER_ROWS = 2
 AUTO_COST_ROWS = 16
 
 
@@ -146,7 +148,7 @@ def make_policy(rows: int, cfg: ADLConfig, device: torch.device | str = "cpu", *
         budget = cfg.verify_budget if isinstance(cfg.verify_budget, int) else None
         policy = CostAwareDraftLength(rows, cfg, budget, costs=costs, acceptance=acceptance)
         if cfg.policy == "auto":  # the paper's ADL under the static budget where it measured best
-            policy.paper_below = AUTO_COST_ROWS
+            policy.paper_rows = (AUTO_PAPER_ROWS, AUTO_COST_ROWS)
             policy.paper_budget = verify_budget(cfg, device)
         return policy
     policies: dict[str, type[DraftLengthPolicy]] = {"paper": AdaptiveDraftLength, "fixed": FixedDraftLength}

@@ -164,7 +164,7 @@ class CostAwareDraftLength(DraftLengthPolicy):
     explore_every = 16   # rounds of plain decoding before one exploratory draft (doubling while drafting still does not pay)
     explore_k = 2
     recheck_every = 8    # while decoding plainly, re-decide only every few rounds (nothing new is learnt)
-    paper_below = 0      # adl="auto": greedy rounds of fewer rows take the paper's ADL under paper_budget
+    paper_rows = (0, 0)  # adl="auto": greedy rounds of [lo, hi) rows take the paper's ADL under paper_budget
     paper_budget: int | None = None
 
     def __init__(self, rows: int, cfg: ADLConfig, budget: int | None = None, *, costs=None,
@@ -206,10 +206,11 @@ class CostAwareDraftLength(DraftLengthPolicy):
         if rows == 0:
             return torch.zeros(self.rows, dtype=torch.int64)
         room = np.where(active, np.minimum(np.clip(view.room.numpy(), 0, self.width), self.caps.wanted().numpy()), 0)
-        budget = self.paper_budget if rows < self.paper_below and pooled.greedy else self.budget
+        paper = pooled.greedy and self.paper_rows[0] <= rows < self.paper_rows[1]
+        budget = self.paper_budget if paper else self.budget
         if budget is not None:  # the verify budget: an explicit one, or the paper's rule of adl="auto"
             room = np.minimum(room, max(budget // rows - 1, 0))
-        if rows < self.paper_below and pooled.greedy:  # adl="auto": where the paper's ADL measured best
+        if paper:  # adl="auto": where the paper's ADL measured best
             return torch.from_numpy(room.astype(np.int64))
         self.costs.ensure(rows)
         start = None if view.start_cost is None else view.start_cost.numpy()

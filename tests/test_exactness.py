@@ -35,7 +35,8 @@ def test_greedy_equals_target_only(tiny_target, tiny_pair, kind, batch):
     }[kind]()
     prompts = _prompt_ids(tok, batch)
     new = 24
-    outs = _engine(model, drafter, eos=None).generate(prompts, SamplingParams(max_new_tokens=new))
+    # (the paper's ADL drafts every round: "auto" at one row asks measured costs whether to)
+    outs = _engine(model, drafter, eos=None, adl="paper").generate(prompts, SamplingParams(max_new_tokens=new))
     plain = _engine(model, None, eos=None).generate(prompts, SamplingParams(max_new_tokens=new))
     for p, o, a in zip(prompts, outs, plain):
         ref = hf_greedy(model, p, new, None)
@@ -77,7 +78,7 @@ def test_eos_inside_a_draft(tiny_target):
     eos = free[5]  # make the 6th greedy token the EOS
     ref = hf_greedy(model, prompt, 12, eos)
     assert ref[-1] == eos and len(ref) <= 6
-    out = _engine(model, OracleDrafter(model, tok.mask_token_id), eos, k_init=8).generate(
+    out = _engine(model, OracleDrafter(model, tok.mask_token_id), eos, k_init=8, adl="paper").generate(
         [prompt], SamplingParams(max_new_tokens=12))[0]
     assert out.token_ids == ref
     assert out.finish_reason == "eos"

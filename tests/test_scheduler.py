@@ -389,13 +389,16 @@ def test_profiling_inside_a_round_is_not_the_rounds_time(tiny_target, tiny_pair,
 
 
 def test_auto_routes_small_greedy_batches_to_the_paper_rule():
-    """adl="auto": greedy batches under 16 rows take the paper's ADL under the CPU verify
-    budget; sampling and bigger batches take the cost model (which here says: don't draft)."""
+    """adl="auto": greedy batches of 2 to 15 rows take the paper's ADL under the CPU verify
+    budget; one row, sampling and bigger batches take the cost model (which here says: don't
+    draft)."""
     cfg = ADLConfig(policy="auto", k_min=1, k_max=8, k_init=4)
     costs = TableCosts(lambda rows, w: rows * w * 1.0)  # compute-bound: drafting cannot pay
     greedy = make_policy(2, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True))
     view = RoundView(torch.ones(2, dtype=torch.bool), torch.tensor([8, 3]))
     assert greedy.next_k(view).tolist() == [8, 3]   # ADL: k_init + delta, within each row's room
+    alone = make_policy(1, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True))
+    assert alone.next_k(RoundView(torch.ones(1, dtype=torch.bool), torch.tensor([8]))).tolist() == [0]
     sampling = make_policy(2, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=False))
     assert sampling.next_k(view).tolist() == [0, 0]
     big = make_policy(16, cfg, "cpu", costs=costs, acceptance=AcceptanceModel(8, greedy=True))
