@@ -178,9 +178,10 @@ class CopyAndDraftGuards:
     # wherever they have a copy, so steps without the pass are what the server gets without
     # the drafter). Our engine copies only in rounds where no row drafts, which come where
     # the text repeats: there a copy round's rate says nothing of the rounds the drafter
-    # would take, and counted in, it kept the drafter off prose it drafts well (MT-Bench-20
-    # at batch 1: 1.68-1.72x of plain decoding in later repeats against 1.82-1.91x without
-    # copy rounds). Off, the drafter's rounds are compared with plain rounds only.
+    # would take. Off, the drafter's rounds are compared with plain rounds only. (Counted
+    # in, MT-Bench-20 at batch 1 measured 1.68-1.72x of plain decoding in later repeats
+    # against 1.82-1.91x without copy rounds; but the paper's ADL at one row, the default
+    # then, later fell so in a run with this setting off too, so that figure is not its cause.)
     copies_replace_drafter: bool = True
 
     @property
