@@ -311,9 +311,13 @@ class SpeculativeEngine:
             # Measured slower than plain rounds here: no drafter pass (the policy is
             # not consulted and learns nothing from it); the round may still copy.
             return zeros, False
+        return batch.policy.next_k(RoundView(active=batch.active_cpu, room=self._room(batch))), False
+
+    @staticmethod
+    def _room(batch: Batch) -> torch.Tensor:  # [B] int64 (CPU)
+        """Draft tokens each row may still verify: what it may emit, less the bonus token."""
         emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
-        room = batch.params.max_new_tokens - emitted - 1
-        return batch.policy.next_k(RoundView(active=batch.active_cpu, room=room)), False
+        return batch.params.max_new_tokens - emitted - 1
 
     def _propose(self, batch: Batch, k: torch.Tensor, held: bool) -> Proposal:
         """The drafter's proposal for rows with k > 0; where no row drafts and the round is
@@ -338,8 +342,7 @@ class SpeculativeEngine:
             return None
         t0 = time.perf_counter()
         rows, width = batch.rows, batch.copies.acceptance.width
-        emitted = torch.tensor([len(r.token_ids) for r in batch.requests])
-        room = (batch.params.max_new_tokens - emitted - 1).clamp(0, width).numpy()
+        room = self._room(batch).clamp(0, width).numpy()
         if batch.policy.budget is not None:  # an explicit verify budget holds for copies too
             room = np.minimum(room, max(batch.policy.budget // rows - 1, 0))
         lengths = batch.lengths_cpu.numpy()
