@@ -236,8 +236,9 @@ class SpeculativeEngine:
         batch.active_cpu = torch.cat([batch.active_cpu, torch.ones(n, dtype=torch.bool)])
         if batch.policy is not None:
             batch.policy.extend(n)
-        if batch.draft_state is not None:
-            batch.draft_state.extend(n)
+        if batch.draft_state is not None:  # a local drafter encodes the new prompts now, in a pass of their own
+            warm = isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes
+            batch.draft_state.extend(self.proposer.warm(tokens, lengths_cpu, batch.capacity) if warm else n)
         for i in index:
             outputs[i].index = i
         batch.requests += [outputs[i] for i in index]

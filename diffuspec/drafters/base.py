@@ -147,10 +147,11 @@ class DrafterState:
         self.cache.select(index)
         self.cached = self.cached.index_select(0, index)
 
-    def extend(self, rows: int) -> None:
-        """Append ``rows`` rows with nothing cached."""
-        self.cache.extend(RaggedKVCache(rows, self.cache.capacity))
-        self.cached = torch.cat([self.cached, torch.zeros(rows, dtype=torch.int64)])
+    def extend(self, rows: "int | DrafterState") -> None:
+        """Append ``rows`` rows with nothing cached, or the rows of another state (same capacity)."""
+        more = rows if isinstance(rows, DrafterState) else DrafterState(rows, self.cache.capacity)
+        self.cache.extend(more.cache)
+        self.cached = torch.cat([self.cached, more.cached])
 
     def row(self, j: int) -> RowCache:
         """A copy of row j's cached prefix."""
