@@ -120,7 +120,7 @@ class SpeculativeEngine:
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
         self.guards: dict[tuple, CopyAndDraftGuards] = {}  # per decoding regime, see _guard
         self.copy_lengths: dict[tuple, CopyLengths] = {}  # per decoding regime, see _copies
-        self.drafter_failures = 0  # proposals that raised (each round decoded without drafts)
+        self.drafter_failures = 0  # drafter passes that raised (a round decoded without drafts, or new rows started cold)
         self.costs = None  # the cost model of the "cost" policy, built when first needed
         # Conditional acceptance per draft position, pooled over every request this engine
         # ran, per decoding regime (greedy, or a temperature / top-k / top-p): how often a
@@ -236,15 +236,27 @@ class SpeculativeEngine:
         batch.active_cpu = torch.cat([batch.active_cpu, torch.ones(n, dtype=torch.bool)])
         if batch.policy is not None:
             batch.policy.extend(n)
-        if batch.draft_state is not None:  # a local drafter encodes the new prompts now, in a pass of their own
-            warm = isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes
-            batch.draft_state.extend(self.proposer.warm(tokens, lengths_cpu, batch.capacity) if warm else n)
+        if batch.draft_state is not None:
+            warm = self._warm(tokens, lengths_cpu, batch.capacity)
+            batch.draft_state.extend(warm if warm is not None else n)
         for i in index:
             outputs[i].index = i
         batch.requests += [outputs[i] for i in index]
         elapsed = time.perf_counter() - t0  # counted in the new requests' time_other
         for i in index:
             outputs[i].stats.time_other += elapsed
+
+    def _warm(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, capacity: int):
+        """The proposal state of newly admitted rows with their prompts already in a local
+        drafter's prefix cache (:meth:`PathProposer.warm`, a pass over these rows alone);
+        None where the drafter keeps no prefix cache, or raised (the rows then start cold)."""
+        if not (isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes):
+            return None
+        try:
+            return self.proposer.warm(tokens, lengths_cpu, capacity)
+        except Exception:  # a drafter fault costs drafts, never the requests
+            self._drafter_failed()
+            return None
 
     def _retire(self, batch: Batch) -> None:
         """Drop finished rows: their tokens, cache rows, policy and drafter state."""
@@ -367,11 +379,15 @@ class SpeculativeEngine:
         try:
             return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
         except Exception:  # a drafter fault costs this round's drafts, never the requests
-            self.drafter_failures += 1
-            if self.drafter_failures == 1:
-                logger.error("the drafter failed; this round decodes without drafts (further failures are "
-                             "counted in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
+            self._drafter_failed()
             return Proposal.empty(batch.rows, self.device)
+
+    def _drafter_failed(self) -> None:
+        """Count a drafter exception (call from the handler); the first one is logged."""
+        self.drafter_failures += 1
+        if self.drafter_failures == 1:
+            logger.error("the drafter failed; this round decodes without drafts (further failures are "
+                         "counted in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
 
     def _uniforms(self, batch: Batch, width: int) -> torch.Tensor:  # [B, width] float64 (device)
         """The uniforms of each row's next ``width`` sampled output positions: fixed by (seed,

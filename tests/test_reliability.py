@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from diffuspec import DiffuSpec, DiffuSpecConfig, SamplingParams
 from diffuspec.drafters import DiffusionDrafter, load_drafter
+from diffuspec.drafters.base import DrafterState
 from diffuspec.engine import SpeculativeEngine
 from diffuspec.proxy import NGramModel
 
@@ -59,15 +60,25 @@ class RaisingDrafter(NaNDrafter):
         return torch.randn(tokens.shape[0], int(k.max()), self.vocab_size)
 
 
-def test_drafter_exception_costs_only_drafts(tiny_target, caplog):
-    """A drafter that raises mid-generation: every request still finishes with plain
-    decoding's output, the failures are counted and logged once."""
+class CachingRaisingDrafter(RaisingDrafter):
+    """RaisingDrafter with a prefix-cache state: admitted rows get a drafter pass of their own
+    (PathProposer.warm), and the first one raises."""
+
+    def new_state(self, batch, capacity):
+        return DrafterState(batch, capacity)
+
+
+@pytest.mark.parametrize("drafter_class", [RaisingDrafter, CachingRaisingDrafter])
+def test_drafter_exception_costs_only_drafts(tiny_target, caplog, drafter_class):
+    """A drafter that raises mid-generation (and, with a prefix cache, while admitted rows
+    encode their prompts): every request still finishes with plain decoding's output, the
+    failures are counted and logged once."""
     model, tok = tiny_target
     prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]
     params = SamplingParams(max_new_tokens=10)
-    cfg = DiffuSpecConfig.from_kwargs(adl="fixed", k_init=4)
+    cfg = DiffuSpecConfig.from_kwargs(adl="fixed", k_init=4, max_batch_size=2)
     plain = SpeculativeEngine(model, None, cfg, None, model.config.vocab_size).generate(prompts, params)
-    engine = SpeculativeEngine(model, RaisingDrafter(model.config.vocab_size, tok.mask_token_id), cfg, None,
+    engine = SpeculativeEngine(model, drafter_class(model.config.vocab_size, tok.mask_token_id), cfg, None,
                                model.config.vocab_size)
     with caplog.at_level("ERROR", logger="diffuspec.engine"):
         out = engine.generate(prompts, params)
