@@ -386,8 +386,9 @@ class SpeculativeEngine:
         """Count a drafter exception (call from the handler); the first one is logged."""
         self.drafter_failures += 1
         if self.drafter_failures == 1:
-            logger.error("the drafter failed; this round decodes without drafts (further failures are "
-                         "counted in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
+            logger.error("the drafter failed; this round decodes without drafts, or newly admitted rows start "
+                         "without its prefix cache (further failures are counted in "
+                         "SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
 
     def _uniforms(self, batch: Batch, width: int) -> torch.Tensor:  # [B, width] float64 (device)
         """The uniforms of each row's next ``width`` sampled output positions: fixed by (seed,
