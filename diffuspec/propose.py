@@ -76,14 +76,10 @@ class ProposalState:
 
     def extend(self, rows: "int | ProposalState") -> None:
         """Append ``rows`` fresh rows, or the rows of another state (:meth:`PathProposer.warm`)."""
-        if isinstance(rows, ProposalState):
-            if self.drafter is not None:
-                self.drafter.extend(rows.drafter)
-            self.proxy.rows += rows.proxy.rows
-            return
+        other = rows if isinstance(rows, ProposalState) else None
         if self.drafter is not None:
-            self.drafter.extend(rows)
-        self.proxy.extend(rows)
+            self.drafter.extend(other.drafter if other is not None else rows)
+        self.proxy.extend(other.proxy if other is not None else rows)
 
 
 class PathProposer:
@@ -124,11 +120,15 @@ class PathProposer:
             # every prompt token but the newest, which the first draft feeds again (a shifted
             # drafter reads its first mask's logits there); a 1-token prompt caches nothing
             prefix = (lengths_cpu - 1).clamp(min=1)
-            room = self.drafter.max_positions - 1
-            context = room if self.config.drafter_context is None else min(self.config.drafter_context, room)
-            self.drafter.draft(tokens, prefix, torch.ones_like(prefix), context, state.drafter)
+            self.drafter.draft(tokens, prefix, torch.ones_like(prefix), self._context(1), state.drafter)
             state.drafter.cached = torch.where(lengths_cpu > 1, state.drafter.cached, 0)
         return state
+
+    def _context(self, kmax: int) -> int:
+        """Prefix tokens a drafter pass of ``kmax`` masks may see: its position limit less the
+        masks, or the configured ``drafter_context`` if smaller."""
+        room = self.drafter.max_positions - kmax
+        return room if self.config.drafter_context is None else min(self.config.drafter_context, room)
 
     def kernels(self, device: torch.device):
         """The kernels for tensors on ``device`` (None: the reference), chosen once."""
@@ -166,9 +166,7 @@ class PathProposer:
         cfg, dev = self.config, tokens.device
         t0 = time.perf_counter()
         kmax = int(k_cpu.max())
-        room = self.drafter.max_positions - kmax
-        context = room if cfg.drafter_context is None else min(cfg.drafter_context, room)
-        logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, context,
+        logq = self._logprobs(self.drafter.draft(tokens, lengths_cpu, k_cpu, self._context(kmax),
                                                  state.drafter if state is not None else None))  # [B, kmax, V]
         t1 = time.perf_counter()
         kernels = self.kernels(logq.device)
