@@ -236,27 +236,14 @@ class SpeculativeEngine:
         batch.active_cpu = torch.cat([batch.active_cpu, torch.ones(n, dtype=torch.bool)])
         if batch.policy is not None:
             batch.policy.extend(n)
-        if batch.draft_state is not None:
-            warm = self._warm(tokens, lengths_cpu, batch.capacity)
-            batch.draft_state.extend(warm if warm is not None else n)
+        if batch.draft_state is not None:  # their prompts reach the drafter's cache when they first draft
+            batch.draft_state.extend(n)
         for i in index:
             outputs[i].index = i
         batch.requests += [outputs[i] for i in index]
         elapsed = time.perf_counter() - t0  # counted in the new requests' time_other
         for i in index:
             outputs[i].stats.time_other += elapsed
-
-    def _warm(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, capacity: int):
-        """The proposal state of newly admitted rows with their prompts already in a local
-        drafter's prefix cache (:meth:`PathProposer.warm`, a pass over these rows alone);
-        None where the drafter keeps no prefix cache, or raised (the rows then start cold)."""
-        if not (isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes):
-            return None
-        try:
-            return self.proposer.warm(tokens, lengths_cpu, capacity)
-        except Exception:  # a drafter fault costs drafts, never the requests
-            self._drafter_failed()
-            return None
 
     def _retire(self, batch: Batch) -> None:
         """Drop finished rows: their tokens, cache rows, policy and drafter state."""
@@ -376,19 +363,25 @@ class SpeculativeEngine:
                         torch.zeros_like(path_len), 0.0, time.perf_counter() - t0, copied=True)
 
     def _draft(self, batch: Batch, k: torch.Tensor) -> Proposal:
+        """The drafter's proposal; with a local drafter that keeps a prefix cache, rows new
+        to it (or far behind it) first have their prefixes encoded in a pass of their own
+        (:meth:`PathProposer.catch_up`), timed apart from the round's."""
         try:
-            return self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+            caught_up = 0.0
+            if isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes:
+                # one round adds at most k_max + 1 tokens: a row further ahead of its cache
+                # went without a drafter pass for a while
+                caught_up = self.proposer.catch_up(batch.tokens, batch.lengths_cpu, batch.draft_state,
+                                                   behind=self.config.adl.k_max + 1)
+            proposal = self.proposer.propose(batch.tokens, batch.lengths_cpu, k, batch.draft_state)
+            proposal.time_catch_up = caught_up
+            return proposal
         except Exception:  # a drafter fault costs this round's drafts, never the requests
-            self._drafter_failed()
+            self.drafter_failures += 1
+            if self.drafter_failures == 1:
+                logger.error("the drafter failed; this round decodes without drafts (further failures are counted "
+                             "in SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
             return Proposal.empty(batch.rows, self.device)
-
-    def _drafter_failed(self) -> None:
-        """Count a drafter exception (call from the handler); the first one is logged."""
-        self.drafter_failures += 1
-        if self.drafter_failures == 1:
-            logger.error("the drafter failed; this round decodes without drafts, or newly admitted rows start "
-                         "without its prefix cache (further failures are counted in "
-                         "SpeculativeEngine.drafter_failures, not logged)", exc_info=True)
 
     def _uniforms(self, batch: Batch, width: int) -> torch.Tensor:  # [B, width] float64 (device)
         """The uniforms of each row's next ``width`` sampled output positions: fixed by (seed,
@@ -480,7 +473,10 @@ class SpeculativeEngine:
         if guard is not None and batch.prefilled:
             guard.discard()  # a prefill rode in this round: not comparable
         elif guard is not None:  # every row is active here (finished rows left after the last round)
-            guard.finished(sum(row[0] for row in rows) + len(rows), time.perf_counter() - t0 - profiled)
+            # without the pass that caught rows up with the drafter's cache (a new request's
+            # prompt, or a gap left by rounds without drafts): like a prefill, not the round's rate
+            guard.finished(sum(row[0] for row in rows) + len(rows),
+                           time.perf_counter() - t0 - profiled - proposal.time_catch_up)
         batch.lengths_cpu = batch.lengths_cpu + n_cpu + 1
         t_draft, t_search = proposal.time_draft, proposal.time_search
         if proposal.copied:  # copies teach the drafter's policy nothing: their own acceptance

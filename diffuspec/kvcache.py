@@ -68,6 +68,25 @@ class RaggedKVCache:
                     buffers[layer] = buf.index_select(0, index.to(buf.device))
         self.batch = len(index)
 
+    def take(self, index: torch.Tensor) -> "RaggedKVCache":
+        """A new cache holding a copy of the rows ``index`` ([R] int64), in that order."""
+        part = RaggedKVCache(len(index), self.capacity)
+        for buffers, mine in ((part.keys, self.keys), (part.values, self.values)):
+            buffers.extend(None if buf is None else buf.index_select(0, index.to(buf.device)) for buf in mine)
+        return part
+
+    def put(self, index: torch.Tensor, part: "RaggedKVCache") -> None:
+        """Write the rows of ``part`` (same capacity, from :meth:`take`) back as rows ``index``."""
+        assert part.capacity == self.capacity, (part.capacity, self.capacity)
+        for buffers, theirs in ((self.keys, part.keys), (self.values, part.values)):
+            buffers.extend([None] * (len(theirs) - len(buffers)))
+            for layer, buf in enumerate(theirs):
+                if buf is None:
+                    continue
+                if buffers[layer] is None:
+                    buffers[layer] = buf.new_zeros((self.batch, *buf.shape[1:]))
+                buffers[layer].index_copy_(0, index.to(buf.device), buf)
+
     def extend(self, other: "RaggedKVCache") -> None:
         """Append the rows of ``other`` (same capacity) after this cache's rows."""
         assert other.capacity == self.capacity, (other.capacity, self.capacity)

@@ -42,6 +42,7 @@ class Proposal:
     predraft_hit: torch.Tensor | None = None
     tree: DraftTree | None = None  # the draft tree around the path, when the config asks for one
     copied: bool = False  # the path was copied from the rows' contexts, not drafted (no drafter pass)
+    time_catch_up: float = 0.0  # seconds of the pass putting rows' prefixes in the drafter's cache (catch_up)
 
     @classmethod
     def empty(cls, rows: int, device: torch.device) -> "Proposal":
@@ -74,12 +75,11 @@ class ProposalState:
             self.drafter.select(index)
         self.proxy.select(index)
 
-    def extend(self, rows: "int | ProposalState") -> None:
-        """Append ``rows`` fresh rows, or the rows of another state (:meth:`PathProposer.warm`)."""
-        other = rows if isinstance(rows, ProposalState) else None
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` fresh rows (nothing cached or counted)."""
         if self.drafter is not None:
-            self.drafter.extend(other.drafter if other is not None else rows)
-        self.proxy.extend(other.proxy if other is not None else rows)
+            self.drafter.extend(rows)
+        self.proxy.extend(rows)
 
 
 class PathProposer:
@@ -107,22 +107,34 @@ class PathProposer:
                              OnlineNGram(self.config.proxy.order, self.emit_vocab, rows))
 
     @torch.inference_mode()
-    def warm(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, capacity: int) -> ProposalState:
-        """A state for new rows (``tokens [R, T]`` on the drafter's device, ``lengths_cpu [R]``)
-        whose drafter prefix cache already holds their prompts: one drafter pass over these
-        rows alone (its one-token draft unused), so their first draft in a batch encodes
-        only what is new. Without it, a row admitted into a running batch makes its first
-        drafter pass as wide as its prompt for every row of the batch (one 150-token
-        prompt among 16 warm rows: a ~40 ms pass instead of ~6 ms, measured on the
-        embedded pair), and that pass's time reads as the drafter's cost."""
-        state = self.new_state(tokens.shape[0], capacity)
-        if state.drafter is not None:
-            # every prompt token but the newest, which the first draft feeds again (a shifted
-            # drafter reads its first mask's logits there); a 1-token prompt caches nothing
-            prefix = (lengths_cpu - 1).clamp(min=1)
-            self.drafter.draft(tokens, prefix, torch.ones_like(prefix), self._context(1), state.drafter)
-            state.drafter.cached = torch.where(lengths_cpu > 1, state.drafter.cached, 0)
-        return state
+    def catch_up(self, tokens: torch.Tensor, lengths_cpu: torch.Tensor, state: ProposalState | None,
+                 behind: int) -> float:
+        """Before a round's drafter pass: put into the drafter's prefix cache, in a pass over
+        those rows alone, the prefixes of rows that never had a pass (a request just
+        admitted) or are more than ``behind`` tokens ahead of their cache (after a stretch of
+        rounds without a drafter pass). Every prefix token but the newest is encoded: the
+        round's pass feeds that one again, as a shifted drafter reads its first mask's
+        logits there. Returns the pass's seconds (0.0: no row needed one).
+
+        Without it, the round's pass is as wide as its widest row for every row (one
+        150-token prompt among 16 warm rows: a ~40 ms pass instead of ~6 ms, measured on the
+        embedded pair), and that pass's time reads as the drafter's cost. Done here, when a
+        row first drafts, rather than at admission: rows the policy never drafts for (a
+        temperature where drafts are rarely accepted) never pay for the pass."""
+        if state is None or state.drafter is None:
+            return 0.0
+        cached = state.drafter.cached
+        prefix = lengths_cpu - 1
+        cold = ((cached == 0) | (lengths_cpu - cached > behind)) & (self.drafter.cacheable(prefix) > cached)
+        if not bool(cold.any()):
+            return 0.0
+        t0 = time.perf_counter()
+        index = cold.nonzero().squeeze(1)
+        part = state.drafter.take(index)
+        self.drafter.draft(tokens.index_select(0, index.to(tokens.device)), prefix[index],
+                           torch.ones_like(index), self._context(1), part)  # its one-token draft unused
+        state.drafter.put(index, part)
+        return time.perf_counter() - t0
 
     def _context(self, kmax: int) -> int:
         """Prefix tokens a drafter pass of ``kmax`` masks may see: its position limit less the

@@ -457,9 +457,9 @@ class OnlineNGram:
     def select(self, index: torch.Tensor) -> None:
         self.rows = [self.rows[i] for i in index.tolist()]
 
-    def extend(self, rows: "int | OnlineNGram") -> None:
-        """Append ``rows`` rows with nothing counted, or the rows of another state."""
-        self.rows += rows.rows if isinstance(rows, OnlineNGram) else [_RowCounts() for _ in range(rows)]
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` rows with nothing counted."""
+        self.rows += [_RowCounts() for _ in range(rows)]
 
     def load_rows(self, rows: list) -> None:
         """Start row j from ``rows[j]`` (a row of an earlier state, or None: nothing counted),

@@ -288,7 +288,7 @@ def test_block_prefix_cache_is_exact(tmp_path, case):
         return drafts
 
     assert all(run(drafter.new_state(3, 64), check_reorder=True))
-    drafter._cacheable = lambda lengths: lengths.clone()  # keep the partial block as well: inexact
+    drafter.cacheable = lambda lengths: lengths.clone()  # keep the partial block as well: inexact
     assert not all(run(drafter.new_state(3, 64), check_reorder=False))
 
 

@@ -61,8 +61,8 @@ class RaisingDrafter(NaNDrafter):
 
 
 class CachingRaisingDrafter(RaisingDrafter):
-    """RaisingDrafter with a prefix-cache state: admitted rows get a drafter pass of their own
-    (PathProposer.warm), and the first one raises."""
+    """RaisingDrafter with a prefix-cache state: rows new to it get a drafter pass of their
+    own before the round's (PathProposer.catch_up), and the first one raises."""
 
     def new_state(self, batch, capacity):
         return DrafterState(batch, capacity)
@@ -70,8 +70,8 @@ class CachingRaisingDrafter(RaisingDrafter):
 
 @pytest.mark.parametrize("drafter_class", [RaisingDrafter, CachingRaisingDrafter])
 def test_drafter_exception_costs_only_drafts(tiny_target, caplog, drafter_class):
-    """A drafter that raises mid-generation (and, with a prefix cache, while admitted rows
-    encode their prompts): every request still finishes with plain decoding's output, the
+    """A drafter that raises mid-generation (and, with a prefix cache, while new rows encode
+    their prompts): every request still finishes with plain decoding's output, the
     failures are counted and logged once."""
     model, tok = tiny_target
     prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]

@@ -32,6 +32,11 @@ class DiffusionDrafter(nn.Module, ABC):
         """Per-generation state carried across rounds (e.g. a prefix KV cache), or None."""
         return None
 
+    def cacheable(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] int64 (CPU): prefix tokens per row a pass over prefixes of ``lengths`` leaves in
+        the state's cache (a drafter with a prefix cache: the whole prefix by default)."""
+        return lengths.clone()
+
     @abstractmethod
     def draft(
         self,
@@ -147,11 +152,21 @@ class DrafterState:
         self.cache.select(index)
         self.cached = self.cached.index_select(0, index)
 
-    def extend(self, rows: "int | DrafterState") -> None:
-        """Append ``rows`` rows with nothing cached, or the rows of another state (same capacity)."""
-        more = rows if isinstance(rows, DrafterState) else DrafterState(rows, self.cache.capacity)
-        self.cache.extend(more.cache)
-        self.cached = torch.cat([self.cached, more.cached])
+    def extend(self, rows: int) -> None:
+        """Append ``rows`` rows with nothing cached."""
+        self.cache.extend(RaggedKVCache(rows, self.cache.capacity))
+        self.cached = torch.cat([self.cached, torch.zeros(rows, dtype=torch.int64)])
+
+    def take(self, index: torch.Tensor) -> "DrafterState":
+        """A new state holding a copy of the rows ``index`` ([R] int64, CPU), in that order."""
+        part = DrafterState(0, self.cache.capacity)
+        part.cache, part.cached = self.cache.take(index), self.cached.index_select(0, index)
+        return part
+
+    def put(self, index: torch.Tensor, part: "DrafterState") -> None:
+        """Write the rows of ``part`` (from :meth:`take`) back as rows ``index``."""
+        self.cache.put(index, part.cache)
+        self.cached[index] = part.cached
 
     def row(self, j: int) -> RowCache:
         """A copy of row j's cached prefix."""
@@ -211,7 +226,7 @@ class TransformerDrafter(DiffusionDrafter):
     ``prefix_cache``: keep the prefix's keys/values across rounds, so a round feeds only the
     tokens accepted since the last one plus the masks. On by default where it is exact:
     prefix-causal drafters keep the whole prefix; block-causal ones (``spec.block_size``)
-    keep its whole blocks only (see :meth:`_cacheable`). For a fully bidirectional drafter
+    keep its whole blocks only (see :meth:`cacheable`). For a fully bidirectional drafter
     (Dream, LLaDA) it is an approximation, which can change acceptance but never the output.
     """
 
@@ -232,7 +247,7 @@ class TransformerDrafter(DiffusionDrafter):
     def new_state(self, batch: int, capacity: int):
         return DrafterState(batch, capacity) if self.prefix_cache else None
 
-    def _cacheable(self, lengths: torch.Tensor) -> torch.Tensor:
+    def cacheable(self, lengths: torch.Tensor) -> torch.Tensor:
         """[B] int64 (CPU): how many prefix tokens per row the cache may keep after a pass.
 
         Prefix-causal (and, approximately, bidirectional) drafters: the whole prefix. A
@@ -266,6 +281,6 @@ class TransformerDrafter(DiffusionDrafter):
         if state is not None:
             state.cache.write_pos = positions
             state.cache.visible = columns
-            state.cached = self._cacheable(lengths)
+            state.cached = self.cacheable(lengths)
         return self.net(ids, position_ids=positions, read_index=read, attn_mask=mask,
                         cache=state.cache if state is not None else None)
