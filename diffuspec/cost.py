@@ -284,6 +284,14 @@ class CostModel:
             pass
         self.profile_seconds += time.perf_counter() - t0
 
+    def ensure_up_to(self, rows: int) -> None:
+        """Measure every grid point that a round of at most ``rows`` rows may need (a server's
+        start-up: its batch is bounded, and measuring there keeps the profile out of serving)."""
+        for r in ROW_GRID:
+            self.ensure(min(r, rows))
+            if r >= rows:
+                break
+
     def round_time(self, rows: int, kmax: int) -> float:
         """Predicted seconds of a round: ``rows`` rows verifying ``kmax + 1`` tokens each
         (padded), after a proposal of ``kmax`` tokens (none when kmax is 0)."""

@@ -519,6 +519,28 @@ def _batch(contexts: list[list[int]], width: int = 256) -> tuple[np.ndarray, np.
     return lengths, tokens
 
 
+def test_proposal_costs_profiled_at_start_up(proposer_pair, tmp_path, monkeypatch):
+    """With the cost policy, load_model measures the proposal's cost for every batch size up
+    to max_num_seqs (8 here) before any request arrives, and caches it: the first busy steps
+    measure nothing (lazily, a new batch size stalled the server while it was profiled)."""
+    monkeypatch.setenv("DIFFUSPEC_CACHE", str(tmp_path))
+    proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, adl="cost"))
+    proposer.load_model(None)
+    proposals = proposer.costs.proposals
+    assert sorted(proposals.table.propose) == [1, 2, 4, 8]
+    assert (tmp_path / "costs" / f"{proposals.key}.json").is_file()
+    seconds = proposals.profile_seconds
+    assert seconds > 0
+    lengths, tokens = _batch([[5 + j, 6, 7, 8 + j] for j in range(8)])
+    for _ in range(3):
+        drafts = proposer.propose([[9]] * 8 + [[], []], lengths, tokens)
+        lengths[:8] += 1 + np.array([len(d) for d in drafts[:8]])
+    assert proposals.profile_seconds == seconds
+    again = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, adl="cost"))
+    again.load_model(None)  # the table on disk: nothing measured
+    assert again.costs.proposals.profile_seconds == 0
+
+
 def test_state_follows_the_request_when_rows_move(proposer_pair):
     proposer = DiffuSpecProposer(_fake_vllm_config(*proposer_pair, k=8, k_min=1, k_init=3))
     proposer.load_model(None)

@@ -284,6 +284,7 @@ class DiffuSpecProposer:
         self.dtype = vllm_config.model_config.dtype
         self.default_device = torch.device(str(getattr(vllm_config.device_config, "device", "cpu") or "cpu"))
         max_seqs = int(getattr(vllm_config.scheduler_config, "max_num_seqs", 256) or 256)
+        self.max_seqs = max_seqs
         self.states = RequestStates(capacity=4 * max_seqs + 64)
         self.stats = ProposerStats(draft_lengths=[0] * (self.settings.num_speculative_tokens + 1))
         self.path_proposer: PathProposer | None = None
@@ -336,9 +337,29 @@ class DiffuSpecProposer:
         self.path_proposer = PathProposer(drafter, s.config, s.eos_token_id, s.emit_vocab, table)
         if s.config.adl.policy in ("cost", "auto"):  # proposals profiled here (cached on disk), vLLM's steps learnt online
             self.costs = StepCost(CostModel(None, self.path_proposer, s.config.cost_table))
+            self._profile_proposals()
         logger.info("diffuspec: drafter %s loaded (%s, %s%s, %d positions); k in [%d, %d]", s.drafter_path, device,
                     self.dtype, ", int8 linear layers" if prepared.int8 else "", drafter.max_positions,
                     s.config.adl.k_min, s.config.adl.k_max)
+
+    def _profile_proposals(self) -> None:
+        """Profile the proposal's cost for every batch size up to max_num_seqs now, before the
+        server takes requests: measured lazily instead, the first busy steps at each new
+        batch size stall while it runs (a few seconds at 64 rows on a 2-core CPU), and timed
+        beside a busy server the table came out ~1.5-2x slower. A table on disk (cached per
+        model, dtype and machine, or ``cost_table``) makes this instant; a failure leaves it
+        to the steps, which guard it."""
+        proposals = self.costs.proposals
+        t0 = time.perf_counter()
+        try:
+            proposals.ensure_up_to(self.max_seqs)
+        except Exception:
+            logger.warning("diffuspec: profiling the proposal's cost at start-up failed; it is measured while "
+                           "serving instead", exc_info=True)
+            return
+        if proposals.profile_seconds > 0:
+            logger.info("diffuspec: proposal cost profiled for 1..%d rows in %.1f s (cached in %s)",
+                        self.max_seqs, time.perf_counter() - t0, proposals.path)
 
     def propose(
         self,
