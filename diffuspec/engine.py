@@ -249,7 +249,12 @@ class SpeculativeEngine:
         """Drop finished rows: their tokens, cache rows, policy and drafter state."""
         if bool(batch.active_cpu.all()):
             return
-        keep = torch.nonzero(batch.active_cpu).flatten()                                 # [R] int64 (CPU)
+        # Rows that stay keep their places; the places of finished rows are taken by the
+        # staying rows from the end of the batch (a row's place changes nothing in its
+        # output), so the caches move a few rows, not the batch (RaggedKVCache.select).
+        active = batch.active_cpu
+        keep = torch.arange(int(active.sum()))                                           # [R] int64 (CPU)
+        keep[~active[: len(keep)]] = torch.nonzero(active[len(keep):]).flatten() + len(keep)
         keep_dev = keep.to(self.device)
         batch.tokens = batch.tokens.index_select(0, keep_dev)
         batch.lengths = batch.lengths.index_select(0, keep_dev)

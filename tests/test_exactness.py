@@ -210,6 +210,28 @@ def test_continuous_batching_ragged_prompts(tiny_target, speculate):
         assert o.token_ids == hf_greedy(model, p, n, eos)
 
 
+def test_cache_rows_leave_and_join_in_place():
+    """Finished rows leave and new rows join the batch's KV cache without copying it: select
+    moves only the rows whose place changes, and extend writes into the memory of rows that
+    left while there is room; the contents are exactly those of gathering and concatenating."""
+    torch.manual_seed(0)
+    cache = RaggedKVCache(6, 5)
+    full = [torch.randn(6, 2, 5, 3), torch.randn(6, 2, 5, 3)]
+    cache.keys, cache.values = [full[0].clone()], [full[1].clone()]
+    where = cache.keys[0].data_ptr()
+    keep = torch.tensor([0, 5, 2, 4])  # rows 1 and 3 finished; row 5 takes row 1's place
+    cache.select(keep)
+    assert torch.equal(cache.keys[0], full[0][keep]) and torch.equal(cache.values[0], full[1][keep])
+    new = RaggedKVCache(2, 5)
+    new.keys, new.values = [torch.ones(2, 2, 5, 3)], [torch.full((2, 2, 5, 3), 2.0)]
+    cache.extend(new)
+    assert cache.batch == 6 and cache.keys[0].data_ptr() == where  # the same memory, filled again
+    assert torch.equal(cache.keys[0], torch.cat([full[0][keep], new.keys[0]]))
+    assert torch.equal(cache.values[0], torch.cat([full[1][keep], new.values[0]]))
+    cache.extend(RaggedKVCache(1, 5))  # no room left: a new allocation, zero rows appended
+    assert cache.batch == 7 and torch.equal(cache.keys[0][:4], full[0][keep]) and not cache.keys[0][6].any()
+
+
 def test_prefill_passes_group_rows_of_similar_length():
     """The worked example of prefill_passes, and its edge cases: rows with nothing to
     prefill cost no pass, one row is one pass, a huge pass cost keeps one pass."""
