@@ -120,7 +120,7 @@ class SpeculativeEngine:
         self.target_batch_sizes: list[int] = []  # rows of each verify pass of the last generate()
         self.guards: dict[tuple, CopyAndDraftGuards] = {}  # per decoding regime, see _guard
         self.copy_lengths: dict[tuple, CopyLengths] = {}  # per decoding regime, see _copies
-        self.drafter_failures = 0  # drafter passes that raised (a round decoded without drafts, or new rows started cold)
+        self.drafter_failures = 0  # proposals that raised, catch-up passes included (each round decoded without drafts)
         self.costs = None  # the cost model of the "cost" policy, built when first needed
         # Conditional acceptance per draft position, pooled over every request this engine
         # ran, per decoding regime (greedy, or a temperature / top-k / top-p): how often a
@@ -373,7 +373,7 @@ class SpeculativeEngine:
         (:meth:`PathProposer.catch_up`), timed apart from the round's."""
         try:
             caught_up = 0.0
-            if isinstance(self.proposer, PathProposer) and self.proposer.caches_prefixes:
+            if isinstance(self.proposer, PathProposer):  # (a remote drafter keeps its caches itself)
                 # one round adds at most k_max + 1 tokens: a row further ahead of its cache
                 # went without a drafter pass for a while
                 caught_up = self.proposer.catch_up(batch.tokens, batch.lengths_cpu, batch.draft_state,
